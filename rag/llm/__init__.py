@@ -1,0 +1,1 @@
+"""Our own decoder-only language model: tokenizer, model, KV cache, generation, training."""
