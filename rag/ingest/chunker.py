@@ -1,0 +1,170 @@
+"""Split pages into overlapping chunks measured in the embedding model's own tokens.
+
+Each page is tokenized once (with character offsets); cut points are then chosen from
+precomputed boundary tables in O(1) per chunk, so a 1,000-page PDF costs one tokenizer pass
+plus one batched check, never a tokenization per candidate chunk.
+Cuts prefer, in order: paragraph break, sentence end, line break, any whitespace, any token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from rag.types import Chunk, Document, Page
+
+
+def _codepoints(chars: str) -> np.ndarray:
+    return np.frombuffer(chars.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
+# Boundary strength of the gap *before* token k (higher wins).
+TOKEN, SPACE, LINE, SENTENCE, PARAGRAPH = range(5)
+_SENTENCE_END = _codepoints(".!?…。！？؟।")
+_FULLWIDTH_END = _codepoints("。！？")  # CJK sentences end without a following space
+_CLOSERS = _codepoints("\"')]}»”’」』")
+_SEGMENT_CHARS = 100_000  # long pages are tokenized in pieces cut at whitespace (bounded memory)
+
+
+def _backend(tokenizer) -> Tokenizer:
+    """A private copy of the Rust tokenizer without truncation or padding.
+
+    Copied because HF tokenizers keep the truncation/padding of their last call in the shared
+    backend; the embedder truncates at 256 tokens, which would silently cut our pages.
+    """
+    backend = tokenizer if isinstance(tokenizer, Tokenizer) else getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise TypeError(
+            f"Chunker needs a HF *fast* tokenizer with offset mappings, got {type(tokenizer).__name__}"
+        )
+    own = Tokenizer.from_str(backend.to_str())
+    own.no_truncation()
+    own.no_padding()
+    return own
+
+
+def _segments(text: str, size: int) -> list[int]:
+    """Start offsets of pieces of about `size` chars, cut after whitespace where there is some."""
+    starts = [0]
+    while len(text) - starts[-1] > size:
+        limit = starts[-1] + size
+        lo = limit - size // 4
+        cut = max(text.rfind(ch, lo, limit) for ch in " \n\t")
+        starts.append(cut + 1 if cut >= lo else limit)
+    return starts
+
+
+class Chunker:
+    """Token-aware chunker: no chunk exceeds `chunk_tokens`; neighbours share about `overlap` tokens."""
+
+    def __init__(self, tokenizer, chunk_tokens: int = 200, overlap: int = 40):
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        if not 0 <= overlap < chunk_tokens:
+            raise ValueError(
+                f"overlap must be in [0, chunk_tokens), got {overlap} with chunk_tokens={chunk_tokens}"
+            )
+        self.tokenizer = _backend(tokenizer)
+        self.chunk_tokens = chunk_tokens
+        self.overlap = overlap
+        # A boundary cut is taken only if the chunk keeps at least this many tokens; otherwise cut hard.
+        self.min_tokens = min(chunk_tokens, max(chunk_tokens // 2, overlap + 1))
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` without special tokens: the unit of `chunk_tokens`."""
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def _offsets(self, text: str) -> np.ndarray:
+        """(n_tokens, 2) char offsets of the whole page, from one batched tokenizer pass."""
+        starts = _segments(text, _SEGMENT_CHARS)
+        pieces = [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
+        encs = self.tokenizer.encode_batch(pieces, add_special_tokens=False)
+        parts = [
+            np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2) + a
+            for e, a in zip(encs, starts, strict=True)
+        ]
+        offs = np.concatenate(parts)
+        return offs[offs[:, 1] > offs[:, 0]]  # zero-width tokens cannot anchor a span
+
+    @staticmethod
+    def _levels(text: str, offs: np.ndarray) -> np.ndarray:
+        """Strength of the boundary before each token (index 0 unused), vectorized over the page."""
+        cps = _codepoints(text)
+        newline_cum = np.concatenate(([0], np.cumsum(cps == 10)))
+        prev_end, start = offs[:-1, 1], offs[1:, 0]
+        gap = start - prev_end
+        newlines = newline_cum[start] - newline_cum[prev_end]
+        last = cps[prev_end - 1]
+        before_last = cps[np.maximum(prev_end - 2, 0)]
+        mark = np.where(np.isin(last, _CLOSERS), before_last, last)  # 'end." ' ends a sentence too
+        sentence = np.isin(mark, _SENTENCE_END) & ((gap > 0) | np.isin(mark, _FULLWIDTH_END))
+        levels = np.zeros(len(offs), dtype=np.int8)
+        levels[1:] = np.select(
+            [newlines >= 2, sentence, newlines > 0, gap > 0], [PARAGRAPH, SENTENCE, LINE, SPACE], TOKEN
+        )
+        return levels
+
+    def _spans(self, text: str, offs: np.ndarray, verify: bool) -> list[tuple[int, int]]:
+        """Token ranges [i, j) of the chunks, chosen greedily left to right."""
+        n = len(offs)
+        levels = self._levels(text, offs)
+        idx = np.arange(n)
+        # last_at[L][k]: largest b <= k whose boundary level is >= L (or -1).
+        last_at = [np.maximum.accumulate(np.where(levels >= lv, idx, -1)) for lv in range(PARAGRAPH + 1)]
+        spans: list[tuple[int, int]] = []
+        i = 0
+        while i < n:
+            hi = min(i + self.chunk_tokens, n)
+            j = hi
+            if hi < n:
+                lo = i + self.min_tokens
+                for lv in (PARAGRAPH, SENTENCE, LINE, SPACE):
+                    b = last_at[lv][hi]
+                    if b >= lo:
+                        j = int(b)
+                        break
+            while (
+                verify
+                and j - i > 1
+                and self.count_tokens(text[offs[i, 0] : offs[j - 1, 1]]) > self.chunk_tokens
+            ):
+                j -= 1  # re-tokenizing a cut-out span can give more tokens than it had in context
+            spans.append((i, j))
+            if j >= n:
+                break
+            i = self._next_start(i, j, last_at)
+        return spans
+
+    def _next_start(self, i: int, j: int, last_at: list[np.ndarray]) -> int:
+        """Start the next chunk about `overlap` tokens before `j`, at a sentence or word start if near."""
+        if self.overlap == 0:
+            return j
+        target = j - self.overlap
+        slack = max(1, self.overlap // 4)
+        for lv in (SENTENCE, SPACE):
+            b = int(last_at[lv][target])
+            if b >= target - slack and b > i:
+                return b
+        return max(target, i + 1)
+
+    def chunk_page(self, page: Page) -> list[Chunk]:
+        """Chunks of one page; `page.text[c.start:c.end] == c.text`, never empty, never padded by spaces."""
+        text = page.text
+        if not text.strip():
+            return []
+        offs = self._offsets(text)
+        if len(offs) == 0:
+            return []
+        spans = self._spans(text, offs, verify=False)
+        texts = [text[offs[i, 0] : offs[j - 1, 1]] for i, j in spans]
+        counts = [len(e.ids) for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        if max(counts) > self.chunk_tokens:  # rare: a cut inside a word re-tokenized longer
+            spans = self._spans(text, offs, verify=True)
+        return [
+            Chunk(page.number, int(offs[i, 0]), int(offs[j - 1, 1]), text[offs[i, 0] : offs[j - 1, 1]])
+            for i, j in spans
+        ]
+
+    def chunk_document(self, doc: Document) -> list[Chunk]:
+        """Chunks of all pages in order; offsets are per page."""
+        return [chunk for page in doc.pages for chunk in self.chunk_page(page)]
