@@ -1,0 +1,147 @@
+"""A preallocated key/value cache for incremental decoding.
+
+Only the KV heads are stored (GQA/MQA shrink it by n_head / n_kv_head). Each slot also records
+its token's position (-1 = empty or padding), so attention masks come from the same position
+rule as in training (`rag.llm.masks`) whatever order the slots are in. For windowed attention the
+cache is a ring buffer of the window's span, so memory and per-token cost stay O(window):
+
+    sliding: window_size    dilated: window_size * dilation    global: window_size + global tokens
+
+Global tokens leaving the ring are moved into their own slots, since every later query sees them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from rag.llm.masks import attention_mask, row_positions
+
+if TYPE_CHECKING:
+    from rag.llm.model import ModelConfig
+
+RING_SPAN = {
+    "full": lambda c: None,
+    "sliding": lambda c: c.window_size,
+    "dilated": lambda c: c.window_size * c.dilation,
+    "global": lambda c: c.window_size,
+}
+
+
+class KVCache:
+    """Per-layer K/V buffers (n_layer, B, n_kv_head, size, head_dim) plus per-slot positions (B, size).
+
+    Use: `q_pos, k_pos = cache.begin(valid)` once per forward (positions of the new tokens and of
+    the keys they see), then `k, v = cache.update(layer, k, v)` in every layer. `length` counts the
+    tokens written (padding included); `next_pos` (B,) counts each row's real tokens.
+    max_len bounds full attention; a window whose span is shorter than max_len uses a ring buffer
+    and has no length limit.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        max_len = config.block_size if max_len is None else max_len
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"batch_size and max_len must be >= 1, got {batch_size}, {max_len}")
+        self.config, self.batch_size, self.max_len = config, batch_size, max_len
+        span = RING_SPAN[config.window](config)
+        self.ring = span is not None and span < max_len
+        self.size = span if self.ring else max_len
+        n_global = len(config.global_positions) if self.ring else 0
+        kv_shape = (config.n_layer, batch_size, config.n_kv_head)
+        self.k = torch.zeros(*kv_shape, self.size, config.head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.global_k = torch.zeros(*kv_shape, n_global, config.head_dim, device=device, dtype=dtype)
+        self.global_v = torch.zeros_like(self.global_k)
+        self.global_ids = torch.tensor(config.global_positions[:n_global], device=device, dtype=torch.long)
+        self.pos = torch.empty(batch_size, self.size, device=device, dtype=torch.long)
+        self.global_pos = torch.empty(batch_size, n_global, device=device, dtype=torch.long)
+        self.next_pos = torch.empty(batch_size, device=device, dtype=torch.long)
+        self.evicted = torch.empty(
+            batch_size, device=device, dtype=torch.long
+        )  # newest non-global key dropped
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget all tokens (buffers are kept; empty slots are marked by position -1)."""
+        self.pos.fill_(-1)
+        self.global_pos.fill_(-1)
+        self.next_pos.zero_()
+        self.evicted.fill_(-1)
+        self.length = 0
+        self._plan: tuple = ()
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.global_k, self.global_v))
+
+    def begin(self, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Register T new tokens (valid (B, T), False = padding): returns their positions (B, T) and
+        the positions (B, Tk) of the keys that `update` will return, then advances the bookkeeping."""
+        rows, T = valid.shape
+        if rows != self.batch_size:
+            raise ValueError(f"batch of {rows} rows does not match the cache's batch_size={self.batch_size}")
+        q_pos = row_positions(valid, self.next_pos)
+        start, end = self.length, self.length + T
+        if not self.ring and end > self.size:
+            raise ValueError(
+                f"KV cache full: {start} + {T} tokens > max_len={self.size}; use a larger max_len"
+            )
+        if self.ring and bool(attention_mask(q_pos, self.evicted[:, None], self.config).any()):
+            raise ValueError(
+                "a query needs a key already evicted from the windowed KV cache (e.g. a global position "
+                "beyond the window decoded step by step): prefill through it in one chunk, "
+                "or use a larger cache"
+            )
+        self.next_pos += valid.sum(dim=1)
+        self.length = end
+        if self.ring:
+            return q_pos, self._plan_ring(q_pos, start)
+        self.pos[:, start:end] = q_pos
+        self._plan = (start,)
+        return q_pos, self.pos[:, :end]
+
+    def _plan_ring(self, q_pos: Tensor, start: int) -> Tensor:
+        """Keys seen are [global slots, ring, new tokens]; the last `size` new tokens then overwrite
+        the oldest ring slots. Whatever leaves (overwritten slots, new tokens that do not fit) is
+        moved to the global slots if it is a global token, else it is gone for good."""
+        T, S, G = q_pos.size(1), self.size, self.global_ids.numel()
+        k_pos = torch.cat([self.global_pos, self.pos, q_pos], dim=1)
+        n_keep = min(T, S)
+        slots = (start + torch.arange(T - n_keep, T, device=q_pos.device)) % S
+        leaving = torch.cat([G + slots, G + S + torch.arange(T - n_keep, device=q_pos.device)])
+        leaving_pos = k_pos[:, leaving]  # (B, T)
+        match = leaving_pos[:, :, None] == self.global_ids  # (B, T, G)
+        rows, src, dst = match.nonzero(as_tuple=True)
+        self.global_pos[rows, dst] = leaving_pos[rows, src]
+        gone = leaving_pos.masked_fill(match.any(dim=-1), -1).amax(dim=1)
+        self.evicted = torch.maximum(self.evicted, gone)
+        self.pos[:, slots] = q_pos[:, T - n_keep :]
+        self._plan = (slots, T - n_keep, rows, leaving[src], dst)
+        return k_pos
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this layer's new keys/values (B, n_kv_head, T, head_dim) as planned by `begin` and
+        return all keys/values the new queries attend to, in the order of begin's key positions."""
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        if not self.ring:
+            (start,) = self._plan
+            end = start + k.size(2)
+            self.k[layer, :, :, start:end] = k
+            self.v[layer, :, :, start:end] = v
+            return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        slots, first_kept, rows, src, dst = self._plan
+        keys = torch.cat([self.global_k[layer], self.k[layer], k], dim=2)
+        values = torch.cat([self.global_v[layer], self.v[layer], v], dim=2)
+        self.global_k[layer][rows, :, dst] = keys[rows, :, src]
+        self.global_v[layer][rows, :, dst] = values[rows, :, src]
+        self.k[layer][:, :, slots] = k[:, :, first_kept:]
+        self.v[layer][:, :, slots] = v[:, :, first_kept:]
+        return keys, values

@@ -1,0 +1,547 @@
+"""A decoder-only transformer in one readable file (in the spirit of nanoGPT / gpt-fast).
+
+Each architectural choice is a small class or function picked from a registry by `ModelConfig`:
+positions (POSITIONS), norms (NORMS), feed-forward layers (FFNS) and attention windows
+(`rag.llm.masks.WINDOWS`). Attention masks are computed from per-row token positions, so the same
+code serves training, left-padded batches and cached decoding with ring buffers (`rag.llm.cache`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rag.llm.cache import KVCache
+from rag.llm.masks import WINDOWS, attention_mask, row_positions
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelConfig:
+    """Architecture hyper-parameters; every combination is validated in __post_init__.
+
+    The defaults are our reader: 8 layers, d_model 512, 8 query heads sharing 4 KV heads (GQA),
+    RoPE, RMSNorm, SwiGLU, context 1024, tied embeddings -- about 24M non-embedding parameters
+    (28M with the 8192x512 token embedding). GQA halves the KV cache; RoPE/RMSNorm/SwiGLU are the
+    choices of recent small LMs (Llama, Mistral) and train stably without biases.
+    """
+
+    vocab_size: int = 8192
+    block_size: int = 1024  # context length the model is trained on (and the default cache length)
+    n_layer: int = 8
+    n_head: int = 8
+    n_kv_head: int = 4  # == n_head: MHA; divides n_head: GQA; 1: MQA
+    d_model: int = 512
+    pos: str = "rope"  # sinusoidal | learned | rope | alibi
+    norm: str = "rmsnorm"  # layernorm | rmsnorm  (pre-norm blocks + a final norm)
+    ffn: str = "swiglu"  # relu | gelu | swiglu | moe
+    ffn_hidden: int | None = None  # None: 4*d_model (relu/gelu), 8/3*d_model rounded up to 64 (swiglu)
+    n_experts: int = 8  # moe only
+    moe_top_k: int = 2
+    moe_aux_weight: float = 0.01  # load-balancing loss weight, added to the training loss
+    moe_expert: str = "swiglu"  # swiglu | gelu: the MLP each expert is
+    window: str = "full"  # full | sliding | dilated | global
+    window_size: int = 256  # keys per query for sliding/dilated/global
+    dilation: int = 2  # dilated: attend every `dilation`-th key within window_size*dilation
+    global_positions: tuple[int, ...] = ()  # global: token positions that see and are seen by all
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    bias: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        self.global_positions = tuple(int(p) for p in self.global_positions)
+        for name, choices in (
+            ("pos", POSITIONS),
+            ("norm", NORMS),
+            ("ffn", FFNS),
+            ("window", WINDOWS),
+            ("moe_expert", EXPERTS),
+        ):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"ModelConfig.{name}={value!r}; expected one of {sorted(choices)}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "d_model"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head} "
+                "(MHA: equal, GQA: a divisor, MQA: 1)"
+            )
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ValueError(f"rope needs an even head_dim, got d_model/n_head={self.head_dim}")
+        if self.pos == "sinusoidal" and self.d_model % 2:
+            raise ValueError(f"sinusoidal positions need an even d_model, got {self.d_model}")
+        if self.ffn_hidden is not None and self.ffn_hidden < 1:
+            raise ValueError(f"ffn_hidden must be >= 1 or None, got {self.ffn_hidden}")
+        if self.ffn == "moe" and not (self.n_experts >= 2 and 1 <= self.moe_top_k <= self.n_experts):
+            raise ValueError(
+                f"moe needs n_experts >= 2 and 1 <= moe_top_k <= n_experts, "
+                f"got n_experts={self.n_experts}, moe_top_k={self.moe_top_k}"
+            )
+        if self.moe_aux_weight < 0:
+            raise ValueError(f"moe_aux_weight must be >= 0, got {self.moe_aux_weight}")
+        if self.window_size < 1 or self.dilation < 1:
+            raise ValueError(
+                f"window_size and dilation must be >= 1, got {self.window_size}, {self.dilation}"
+            )
+        if self.window == "global" and not self.global_positions:
+            raise ValueError("window='global' needs global_positions (e.g. (0,) for the first token)")
+        if self.window != "global" and self.global_positions:
+            raise ValueError(f"global_positions are only used with window='global', not {self.window!r}")
+        if any(p < 0 for p in self.global_positions) or len(set(self.global_positions)) != len(
+            self.global_positions
+        ):
+            raise ValueError(f"global_positions must be distinct and >= 0, got {self.global_positions}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def hidden_dim(self, kind: str) -> int:
+        """FFN width for an MLP of `kind`; SwiGLU's 8/3 keeps its 3 matrices at the cost of a 4x MLP."""
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        if kind == "swiglu":
+            return 64 * math.ceil(8 * self.d_model / 3 / 64)
+        return 4 * self.d_model
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["global_positions"] = list(self.global_positions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {unknown}")
+        return cls(**d)
+
+    @classmethod
+    def preset(cls, name: str) -> ModelConfig:
+        """'default' is the reader (see the class docstring); 'tiny' trains in seconds on a CPU."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
+        return cls(**PRESETS[name])
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "tiny": {"block_size": 256, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 64},
+}
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # (B, T, vocab), or (B, 1, vocab) with last_only
+    loss: Tensor | None  # ce_loss + moe_aux_weight * aux_loss; None without targets
+    ce_loss: Tensor | None
+    aux_loss: Tensor  # mean MoE load-balancing loss over MoE layers; 0 for dense models
+    attn: list[Tensor] | None  # per layer (B, n_head, Tq, Tk) weights when return_attn
+
+
+# ---------------------------------------------------------------------------------------------
+# Positions: added to the input (learned, sinusoidal), rotating q/k (rope) or biasing scores (alibi)
+
+
+class Positions(nn.Module):
+    """No-op base: each scheme overrides the one hook it uses. Padding (position -1) maps to 0."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def embed(self, pos: Tensor) -> Tensor | None:
+        return None
+
+    def rotary(self, pos: Tensor) -> tuple[Tensor, Tensor] | None:
+        return None
+
+    def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor | None:
+        return None
+
+
+def _angles(pos: Tensor, dim: int, theta: float) -> Tensor:
+    """(..., dim/2) angles pos * theta^(-2i/dim), computed on the fly so no length limit applies."""
+    inv_freq = theta ** (-torch.arange(0, dim, 2, device=pos.device, dtype=torch.float32) / dim)
+    return pos.clamp(min=0).float()[..., None] * inv_freq
+
+
+class Learned(Positions):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.table = nn.Embedding(cfg.block_size, cfg.d_model)
+
+    def embed(self, pos: Tensor) -> Tensor:
+        if int(pos.max()) >= self.cfg.block_size:
+            raise ValueError(
+                f"position {int(pos.max())} is beyond block_size={self.cfg.block_size}, "
+                "the size of the learned position table"
+            )
+        return self.table(pos.clamp(min=0))
+
+
+class Sinusoidal(Positions):
+    def embed(self, pos: Tensor) -> Tensor:
+        ang = _angles(pos, self.cfg.d_model, 10000.0)
+        return torch.stack([ang.sin(), ang.cos()], dim=-1).flatten(-2)
+
+
+class Rope(Positions):
+    def rotary(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        ang = _angles(pos, self.cfg.head_dim, self.cfg.rope_theta)[:, None]  # (B, 1, T, hd/2)
+        return ang.cos(), ang.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x_i, x_{i+hd/2}) by position-dependent angles (GPT-NeoX / Llama layout)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+def alibi_slopes(n_head: int) -> list[float]:
+    """Per-head slopes from the ALiBi paper (geometric; interleaved when n_head is not a power of 2)."""
+
+    def pow2(n: int) -> list[float]:
+        return [2 ** (-8 * (i + 1) / n) for i in range(n)]
+
+    if math.log2(n_head).is_integer():
+        return pow2(n_head)
+    m = 2 ** math.floor(math.log2(n_head))
+    return pow2(m) + pow2(2 * m)[0::2][: n_head - m]
+
+
+class Alibi(Positions):
+    def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        slopes = torch.tensor(alibi_slopes(self.cfg.n_head), device=q_pos.device)
+        dist = (q_pos[:, :, None] - k_pos[:, None, :]).float()  # (B, Tq, Tk)
+        return -slopes[None, :, None, None] * dist[:, None]
+
+
+POSITIONS: dict[str, type[Positions]] = {
+    "sinusoidal": Sinusoidal,
+    "learned": Learned,
+    "rope": Rope,
+    "alibi": Alibi,
+}
+
+NORMS: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "layernorm": lambda c: nn.LayerNorm(c.d_model, eps=c.norm_eps, bias=c.bias),
+    "rmsnorm": lambda c: nn.RMSNorm(c.d_model, eps=c.norm_eps),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+
+@dataclass
+class AttnContext:
+    """What every layer's attention shares in one forward pass (computed once, not per layer)."""
+
+    mask: Tensor | None  # bool (B|1, 1, Tq, Tk) or additive float (B|1, H, Tq, Tk); None = plain causal
+    rope: tuple[Tensor, Tensor] | None
+    cache: KVCache | None
+    return_attn: bool
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float, need_weights: bool):
+    """SDPA (fused kernels) unless the weights are wanted, then the same math written out."""
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
+    if not need_weights:
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, enable_gqa=True
+        )
+        return y, None
+    group = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-2, -1)).float() * q.size(-1) ** -0.5
+    if mask is None:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    weights = scores.softmax(dim=-1).to(q.dtype)
+    return F.dropout(weights, dropout) @ v, weights
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_head, self.n_kv_head, self.head_dim = (
+            layer,
+            cfg.n_head,
+            cfg.n_kv_head,
+            cfg.head_dim,
+        )
+        self.dropout = cfg.dropout
+        self.wq = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: Tensor, ctx: AttnContext) -> tuple[Tensor, Tensor | None]:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if ctx.rope is not None:
+            q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer, k, v)
+        dropout = self.dropout if self.training else 0.0
+        y, weights = attend(q, k, v, ctx.mask, dropout, ctx.return_attn)
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1)), weights
+
+
+# ---------------------------------------------------------------------------------------------
+# Feed-forward layers. Every one returns (output, aux_loss or None) so blocks treat MoE like any FFN.
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, act: Callable[[Tensor], Tensor]):
+        super().__init__()
+        hidden = cfg.hidden_dim("mlp")
+        self.fc = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
+        self.proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+        self.act = act
+
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        return self.proj(self.act(self.fc(x))), None
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = cfg.hidden_dim("swiglu")
+        self.gate = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
+        self.up = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
+        self.proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        return self.proj(F.silu(self.gate(x)) * self.up(x)), None
+
+
+class MoE(nn.Module):
+    """Top-k routed experts without capacity limits (no token is dropped), plus the Switch/GShard
+    load-balancing loss n_experts * sum_i f_i * P_i (f_i: share of routed slots, P_i: mean router
+    probability), which is minimal (1) when experts are used uniformly."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.moe_top_k
+        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.experts = nn.ModuleList(EXPERTS[cfg.moe_expert](cfg) for _ in range(cfg.n_experts))
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(N, k) gate weights and expert ids, and (N, E) router probabilities, for tokens x (N, d).
+
+        With k > 1 the gates are renormalised over the chosen experts (Mixtral); with k = 1 the raw
+        probability is kept (Switch), otherwise the router would get no gradient from the main loss.
+        """
+        probs = self.router(x).float().softmax(dim=-1)
+        gates, experts = probs.topk(self.top_k, dim=-1)
+        if self.top_k > 1:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        return gates, experts, probs
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        flat = x.reshape(-1, x.size(-1))
+        gates, chosen, probs = self.route(flat)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token, slot = (chosen == e).nonzero(as_tuple=True)
+            if token.numel():
+                y, _ = expert(flat[token])
+                out.index_add_(0, token, (y * gates[token, slot, None]).to(out.dtype))
+        n_experts = len(self.experts)
+        share = F.one_hot(chosen, n_experts).float().mean(dim=(0, 1))  # f_i (sums to 1)
+        aux = n_experts * (share * probs.mean(dim=0)).sum()
+        return out.view_as(x), aux
+
+
+EXPERTS: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "swiglu": SwiGLU,
+    "gelu": partial(MLP, act=F.gelu),
+}
+FFNS: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "relu": partial(MLP, act=F.relu),
+    "gelu": partial(MLP, act=F.gelu),
+    "swiglu": SwiGLU,
+    "moe": MoE,
+}
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.norm1, self.norm2 = NORMS[cfg.norm](cfg), NORMS[cfg.norm](cfg)
+        self.attn = Attention(cfg, layer)
+        self.ffn = FFNS[cfg.ffn](cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, ctx: AttnContext) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        h, weights = self.attn(self.norm1(x), ctx)
+        x = x + self.drop(h)
+        h, aux = self.ffn(self.norm2(x))
+        return x + self.drop(h), weights, aux
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.positions = POSITIONS[config.pos](config)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = NORMS[config.norm](config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layer)
+        # so the stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """A KV cache on this model's device and dtype."""
+        p = self.tok_emb.weight
+        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        pad_mask: Tensor | None = None,
+        return_attn: bool = False,
+        last_only: bool = False,
+    ) -> ModelOutput:
+        """Logits for token ids `idx` (B, T); loss when `targets` (B, T) is given (-100 = ignored).
+
+        pad_mask (B, T) bool, True = real token: positions are counted per row, padding is never
+        attended. With a `cache`, the new tokens attend to the cached ones and are appended to it.
+        last_only computes logits for the last position only (generation).
+        """
+        valid = self._check_inputs(idx, targets, pad_mask, last_only)
+        if cache is not None:
+            q_pos, k_pos = cache.begin(valid)
+        elif pad_mask is None:  # the same positions for every row: masks broadcast over the batch
+            q_pos = k_pos = torch.arange(idx.size(1), device=idx.device)[None]
+        else:
+            q_pos = k_pos = row_positions(valid)
+        plain = cache is None and pad_mask is None and not return_attn
+        ctx = AttnContext(self._mask(q_pos, k_pos, plain), self.positions.rotary(q_pos), cache, return_attn)
+
+        x = self.tok_emb(idx)
+        pe = self.positions.embed(q_pos)
+        if pe is not None:
+            x = x + pe.to(x.dtype)
+        x = self.drop(x)
+        attn, aux = [], []
+        for block in self.blocks:
+            x, weights, block_aux = block(x, ctx)
+            attn.append(weights)
+            if block_aux is not None:
+                aux.append(block_aux)
+        x = self.norm(x)
+        logits = self.lm_head(x[:, -1:] if last_only else x)
+
+        aux_loss = torch.stack(aux).mean() if aux else logits.new_zeros((), dtype=torch.float32)
+        ce_loss = loss = None
+        if targets is not None:
+            flat = targets.reshape(-1)
+            total = F.cross_entropy(
+                logits.float().flatten(0, 1), flat, ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+            ce_loss = total / (flat != IGNORE_INDEX).sum().clamp(min=1)  # all-ignored gives 0, not NaN
+            loss = ce_loss + self.config.moe_aux_weight * aux_loss if aux else ce_loss
+        return ModelOutput(logits, loss, ce_loss, aux_loss, attn if return_attn else None)
+
+    def _mask(self, q_pos: Tensor, k_pos: Tensor, plain: bool) -> Tensor | None:
+        bias = self.positions.bias(q_pos, k_pos)
+        if plain and bias is None and self.config.window == "full":
+            return None  # lets SDPA use its causal flash kernel
+        allowed = attention_mask(q_pos, k_pos, self.config)
+        # A padding query has no key; letting it see all keeps softmax finite (its output is unused).
+        allowed = (allowed | ~allowed.any(dim=-1, keepdim=True))[:, None]
+        return allowed if bias is None else bias.masked_fill(~allowed, float("-inf"))
+
+    def _check_inputs(self, idx: Tensor, targets: Tensor | None, pad_mask: Tensor | None, last_only: bool):
+        if idx.dim() != 2 or idx.dtype not in (torch.int32, torch.int64) or idx.size(1) == 0:
+            raise ValueError(
+                f"idx must be a non-empty (B, T) integer tensor, got {tuple(idx.shape)} {idx.dtype}"
+            )
+        V = self.config.vocab_size
+        if int(idx.min()) < 0 or int(idx.max()) >= V:
+            raise ValueError(f"token ids must be in [0, {V}), got [{int(idx.min())}, {int(idx.max())}]")
+        if targets is not None:
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
+            if bool(((targets != IGNORE_INDEX) & ((targets < 0) | (targets >= V))).any()):
+                raise ValueError(f"targets must be in [0, {V}) or {IGNORE_INDEX} (ignored)")
+            if last_only:
+                raise ValueError("last_only computes one position's logits; it cannot be used with targets")
+        if pad_mask is None:
+            return torch.ones_like(idx, dtype=torch.bool)
+        if pad_mask.shape != idx.shape:
+            raise ValueError(f"pad_mask shape {tuple(pad_mask.shape)} != idx shape {tuple(idx.shape)}")
+        return pad_mask.bool()
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Unique parameters; non_embedding leaves out the token and learned position tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+            if isinstance(self.positions, Learned):
+                n -= self.positions.table.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), as in nanoGPT/PaLM: 6N + 12 * L * d * T.
+
+        N counts the weights a token is multiplied by: non-embedding parameters with only the
+        top-k experts of each MoE layer, plus the (tied) output projection.
+        """
+        cfg = self.config
+        n = self.num_params(non_embedding=True)
+        if cfg.tie_embeddings:
+            n += cfg.vocab_size * cfg.d_model
+        for block in self.blocks:
+            if isinstance(block.ffn, MoE):
+                per_expert = sum(p.numel() for p in block.ffn.experts[0].parameters())
+                n -= (cfg.n_experts - cfg.moe_top_k) * per_expert
+        return 6.0 * n + 12.0 * cfg.n_layer * cfg.d_model * seq_len
