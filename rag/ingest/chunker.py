@@ -3,7 +3,8 @@
 Each page is tokenized once (with character offsets); cut points are then chosen from
 precomputed boundary tables in O(1) per chunk, so a 1,000-page PDF costs one tokenizer pass
 plus one batched check, never a tokenization per candidate chunk.
-Cuts prefer, in order: paragraph break, sentence end, line break, any whitespace, any token.
+Cuts prefer, in order: paragraph break, sentence end, line break, whitespace, word edge (punctuation),
+and only then a cut between two tokens of one word.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def _codepoints(chars: str) -> np.ndarray:
 
 
 # Boundary strength of the gap *before* token k (higher wins).
-TOKEN, SPACE, LINE, SENTENCE, PARAGRAPH = range(5)
+TOKEN, WORD, SPACE, LINE, SENTENCE, PARAGRAPH = range(6)
 _SENTENCE_END = _codepoints(".!?…。！？؟।")
 _FULLWIDTH_END = _codepoints("。！？")  # CJK sentences end without a following space
 _CLOSERS = _codepoints("\"')]}»”’」』")
@@ -74,20 +75,22 @@ class Chunker:
         """Tokens of `text` without special tokens: the unit of `chunk_tokens`."""
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
-    def _offsets(self, text: str) -> np.ndarray:
-        """(n_tokens, 2) char offsets of the whole page, from one batched tokenizer pass."""
+    def _tokenize(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Char offsets (n, 2) and pre-tokenizer word index (n,) of every token, in one batched pass."""
         starts = _segments(text, _SEGMENT_CHARS)
         pieces = [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
-        encs = self.tokenizer.encode_batch(pieces, add_special_tokens=False)
-        parts = [
-            np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2) + a
-            for e, a in zip(encs, starts, strict=True)
-        ]
-        offs = np.concatenate(parts)
-        return offs[offs[:, 1] > offs[:, 0]]  # zero-width tokens cannot anchor a span
+        offs, words, seen = [], [], 0
+        for enc, a in zip(self.tokenizer.encode_batch(pieces, add_special_tokens=False), starts, strict=True):
+            offs.append(np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2) + a)
+            w = np.asarray([-1 if x is None else x for x in enc.word_ids], dtype=np.int64) + seen
+            words.append(w)
+            seen = int(w.max(initial=seen)) + 1  # word indices restart in every segment
+        offs, words = np.concatenate(offs), np.concatenate(words)
+        keep = offs[:, 1] > offs[:, 0]  # zero-width tokens cannot anchor a span
+        return offs[keep], words[keep]
 
     @staticmethod
-    def _levels(text: str, offs: np.ndarray) -> np.ndarray:
+    def _levels(text: str, offs: np.ndarray, words: np.ndarray) -> np.ndarray:
         """Strength of the boundary before each token (index 0 unused), vectorized over the page."""
         cps = _codepoints(text)
         newline_cum = np.concatenate(([0], np.cumsum(cps == 10)))
@@ -100,17 +103,20 @@ class Chunker:
         sentence = np.isin(mark, _SENTENCE_END) & ((gap > 0) | np.isin(mark, _FULLWIDTH_END))
         levels = np.zeros(len(offs), dtype=np.int8)
         levels[1:] = np.select(
-            [newlines >= 2, sentence, newlines > 0, gap > 0], [PARAGRAPH, SENTENCE, LINE, SPACE], TOKEN
+            [newlines >= 2, sentence, newlines > 0, gap > 0, words[1:] != words[:-1]],
+            [PARAGRAPH, SENTENCE, LINE, SPACE, WORD],
+            TOKEN,
         )
         return levels
 
-    def _spans(self, text: str, offs: np.ndarray, verify: bool) -> list[tuple[int, int]]:
+    def _spans(self, text: str, offs: np.ndarray, levels: np.ndarray, verify: bool) -> list[tuple[int, int]]:
         """Token ranges [i, j) of the chunks, chosen greedily left to right."""
         n = len(offs)
-        levels = self._levels(text, offs)
         idx = np.arange(n)
         # last_at[L][k]: largest b <= k whose boundary level is >= L (or -1).
         last_at = [np.maximum.accumulate(np.where(levels >= lv, idx, -1)) for lv in range(PARAGRAPH + 1)]
+        # next_word[k]: smallest b >= k that starts a word (or n).
+        next_word = np.minimum.accumulate(np.where(levels >= WORD, idx, n)[::-1])[::-1]
         spans: list[tuple[int, int]] = []
         i = 0
         while i < n:
@@ -118,7 +124,7 @@ class Chunker:
             j = hi
             if hi < n:
                 lo = i + self.min_tokens
-                for lv in (PARAGRAPH, SENTENCE, LINE, SPACE):
+                for lv in (PARAGRAPH, SENTENCE, LINE, SPACE, WORD):
                     b = last_at[lv][hi]
                     if b >= lo:
                         j = int(b)
@@ -132,19 +138,26 @@ class Chunker:
             spans.append((i, j))
             if j >= n:
                 break
-            i = self._next_start(i, j, last_at)
+            i = self._next_start(i, j, last_at, next_word)
         return spans
 
-    def _next_start(self, i: int, j: int, last_at: list[np.ndarray]) -> int:
-        """Start the next chunk about `overlap` tokens before `j`, at a sentence or word start if near."""
+    def _next_start(self, i: int, j: int, last_at: list[np.ndarray], next_word: np.ndarray) -> int:
+        """Start the next chunk about `overlap` tokens before `j`, at a sentence or word start.
+
+        Starting mid-word would make the chunk's text tokenize differently from the page.
+        """
         if self.overlap == 0:
             return j
         target = j - self.overlap
         slack = max(1, self.overlap // 4)
-        for lv in (SENTENCE, SPACE):
+        for lv in (SENTENCE, WORD):
             b = int(last_at[lv][target])
             if b >= target - slack and b > i:
                 return b
+        if (b := int(next_word[target])) < j:  # the first word start after the target: less overlap
+            return b
+        if (b := int(last_at[WORD][target])) > i:  # or further back: more overlap
+            return b
         return max(target, i + 1)
 
     def chunk_page(self, page: Page) -> list[Chunk]:
@@ -152,14 +165,15 @@ class Chunker:
         text = page.text
         if not text.strip():
             return []
-        offs = self._offsets(text)
+        offs, words = self._tokenize(text)
         if len(offs) == 0:
             return []
-        spans = self._spans(text, offs, verify=False)
+        levels = self._levels(text, offs, words)
+        spans = self._spans(text, offs, levels, verify=False)
         texts = [text[offs[i, 0] : offs[j - 1, 1]] for i, j in spans]
         counts = [len(e.ids) for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
         if max(counts) > self.chunk_tokens:  # rare: a cut inside a word re-tokenized longer
-            spans = self._spans(text, offs, verify=True)
+            spans = self._spans(text, offs, levels, verify=True)
         return [
             Chunk(page.number, int(offs[i, 0]), int(offs[j - 1, 1]), text[offs[i, 0] : offs[j - 1, 1]])
             for i, j in spans
