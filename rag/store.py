@@ -1,0 +1,615 @@
+"""The index on disk: SQLite (truth) + FAISS and BM25 (derived snapshots).
+
+Crash safety rests on three rules:
+1. SQLite (WAL) is the source of truth, vectors included. A document is written in ONE
+   transaction (old chunks out, new chunks in, status set), so a kill leaves it all-or-nothing.
+2. Chunk ids come from AUTOINCREMENT: never reused, and a chunk's vector never changes. Any
+   FAISS or BM25 snapshot, however old, can therefore be brought up to date by an id diff
+   against SQLite; a snapshot is never trusted, only checked (FAISS ids, `chunk_ids.npy`).
+3. Snapshots are written to a temp name, fsynced and renamed into place, so a reader (or a
+   process started after a crash) sees an old whole file or a new whole file, never half of one.
+
+Readers are never blocked: WAL gives them the last committed state while a writer works,
+and `refresh()` moves them to the newest one. `generation` in the settings table counts
+writes, so an unchanged index costs one query to refresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import sqlite3
+import threading
+import time
+import unicodedata
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import bm25s
+import faiss
+import numpy as np
+
+from rag.types import Chunk, Hit
+
+SCHEMA_VERSION = 1
+DB_NAME = "meta.sqlite"
+FAISS_NAME = "vectors.faiss"
+MANIFEST_NAME = "manifest.json"
+BM25_PREFIX = "bm25-"  # + generation: one directory per snapshot (bm25s writes several files)
+TMP_PREFIX = ".tmp-"  # + pid: leftovers of a killed writer are removed by the next one
+SQL_BATCH = 500  # ids per `IN (...)` query, well under SQLite's variable limit
+
+SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS documents (
+        id INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE, title TEXT, sha256 TEXT, size INTEGER,
+        mtime REAL, status TEXT NOT NULL, error TEXT, n_chunks INTEGER NOT NULL DEFAULT 0,
+        updated_at REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS chunks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, doc_id INTEGER NOT NULL REFERENCES documents(id),
+        page INTEGER NOT NULL, start INTEGER NOT NULL, "end" INTEGER NOT NULL, text TEXT NOT NULL,
+        vector BLOB NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id)",
+]
+
+_WORD = re.compile(r"\w+")
+
+
+class StoreError(Exception):
+    """The index cannot be opened or used as asked; the message says why and what to do."""
+
+
+class ModelMismatch(StoreError):
+    """The index was built with another embedding model: its vectors are not comparable."""
+
+
+@dataclass
+class DocRecord:
+    id: int
+    path: str
+    title: str
+    sha256: str | None
+    size: int | None
+    mtime: float | None
+    status: str  # "indexed" | "skipped"
+    error: str | None
+    n_chunks: int
+    updated_at: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def bm25_tokenize(text: str) -> list[str]:
+    """Casefolded Unicode words. NFKC first so that decomposed accents (Czech 'č' as c + ˇ)
+    stay inside their word; no stemming or stopwords, which would only suit English."""
+    return _WORD.findall(unicodedata.normalize("NFKC", text).casefold())
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Make a fully written temp file or directory visible under its final name, durably."""
+    for f in [tmp, *tmp.rglob("*")] if tmp.is_dir() else [tmp]:
+        _fsync_path(f)
+    os.replace(tmp, final)
+    _fsync_path(final.parent)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _to_blob(vec: np.ndarray) -> bytes:
+    return np.asarray(vec, dtype="<f4").tobytes()
+
+
+class Store:
+    """One index directory. Thread-safe (one lock); any number of reader processes plus writers."""
+
+    def __init__(
+        self,
+        index_dir: Path,
+        embedding_model: str | None = None,
+        dim: int | None = None,
+        readonly: bool = False,
+    ):
+        self.index_dir = Path(index_dir)
+        self.readonly = readonly
+        self._lock = threading.RLock()
+        db_path = self.index_dir / DB_NAME
+        if readonly and not db_path.is_file():
+            raise StoreError(f"no index at {self.index_dir} (run `rag ingest` first)")
+        self.index_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(db_path, isolation_level=None, timeout=60.0, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a killed process loses nothing
+            if readonly:
+                self._db.execute("PRAGMA query_only=ON")
+            self.embedding_model, self.dim = self._init_settings(embedding_model, dim)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot open index database {db_path}: {exc}") from exc
+        self.gen = -1  # SQLite generation that the in-memory FAISS reflects
+        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        self._pending_removals: list[np.ndarray] = []
+        self._bm25: bm25s.BM25 | None = None
+        self._bm25_ids: np.ndarray | None = None  # row i of the BM25 matrix is chunk _bm25_ids[i]
+        self._bm25_gen = -1
+        self._load_snapshot()
+        if not readonly:
+            self._remove_dead_temps()
+            if self._manifest().get("generation") != self.gen:
+                self.save()  # after a crash: persist the repaired state so readers need not repair
+
+    # ---- SQLite plumbing -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _txn(self, write: bool) -> Iterator[sqlite3.Connection]:
+        """A read transaction sees one consistent state; a write one (IMMEDIATE) is all-or-nothing."""
+        self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _init_settings(self, model: str | None, dim: int | None) -> tuple[str, int]:
+        with self._txn(write=not self.readonly) as db:
+            if not self.readonly:
+                for stmt in SCHEMA:
+                    db.execute(stmt)
+            try:
+                saved = dict(db.execute("SELECT key, value FROM settings").fetchall())
+            except sqlite3.OperationalError:
+                saved = {}
+            if not saved:
+                if self.readonly:
+                    raise StoreError(f"{self.index_dir} holds no index yet (run `rag ingest` first)")
+                if model is None or dim is None:
+                    raise StoreError(f"creating an index in {self.index_dir} needs embedding_model and dim")
+                saved = {"embedding_model": model, "dim": str(dim), "schema_version": str(SCHEMA_VERSION)}
+                db.executemany("INSERT INTO settings VALUES (?, ?)", [*saved.items(), ("generation", "0")])
+        if int(saved["schema_version"]) != SCHEMA_VERSION:
+            raise StoreError(
+                f"index {self.index_dir} has schema v{saved['schema_version']}, this code reads "
+                f"v{SCHEMA_VERSION}; re-ingest into a new index directory"
+            )
+        if (model is not None and model != saved["embedding_model"]) or (
+            dim is not None and dim != int(saved["dim"])
+        ):
+            raise ModelMismatch(
+                f"index {self.index_dir} was built with embedding model {saved['embedding_model']!r} "
+                f"(dim {saved['dim']}), not {model!r} (dim {dim}); use that model "
+                f"(RAG_EMBEDDING_MODEL) or another index directory"
+            )
+        return saved["embedding_model"], int(saved["dim"])
+
+    def _db_gen(self) -> int:
+        return int(self._db.execute("SELECT value FROM settings WHERE key = 'generation'").fetchone()[0])
+
+    def _bump_gen(self) -> int:
+        """Inside a write transaction: count this write; returns the generation it replaced."""
+        gen = self._db_gen()
+        self._db.execute("UPDATE settings SET value = ? WHERE key = 'generation'", (str(gen + 1),))
+        return gen
+
+    def _chunk_ids(self) -> np.ndarray:
+        rows = self._db.execute("SELECT id FROM chunks ORDER BY id")
+        return np.fromiter((r[0] for r in rows), dtype=np.int64)
+
+    def _rows_by_id(self, sql: str, ids: Sequence[int]) -> Iterator[tuple]:
+        """Run `sql` (with one `{}` placeholder list) over `ids` in batches."""
+        ids = [int(i) for i in ids]
+        for i in range(0, len(ids), SQL_BATCH):
+            part = ids[i : i + SQL_BATCH]
+            yield from self._db.execute(sql.format(",".join("?" * len(part))), part)
+
+    # ---- keeping FAISS and BM25 in step with SQLite ------------------------------------------
+
+    def _load_snapshot(self) -> None:
+        """Start from the files on disk (if readable), then repair them against SQLite."""
+        try:
+            index = faiss.read_index(str(self.index_dir / FAISS_NAME))
+            if index.d == self.dim and isinstance(index, faiss.IndexIDMap2):
+                self._index = index
+        except RuntimeError:  # missing (new index, or killed before the first snapshot) or unreadable
+            pass
+        self._sync()
+
+    def _sync(self) -> None:
+        """Bring FAISS and BM25 to SQLite's newest committed state, both from ONE read transaction."""
+        with self._lock, self._txn(write=False):
+            gen = self._db_gen()
+            if gen == self.gen and gen == self._bm25_gen:
+                return
+            ids = self._chunk_ids()
+            if gen != self.gen:
+                self._sync_faiss(ids)
+            self._sync_bm25(ids)
+            self.gen = self._bm25_gen = gen
+
+    def _faiss_ids(self) -> np.ndarray:
+        self._apply_removals()
+        return faiss.vector_to_array(self._index.id_map).astype(np.int64)
+
+    def _sync_faiss(self, ids: np.ndarray) -> None:
+        have = self._faiss_ids()
+        gone = np.setdiff1d(have, ids, assume_unique=True)
+        if len(gone):
+            self._index.remove_ids(gone)
+        missing = np.setdiff1d(ids, have, assume_unique=True)
+        sql = "SELECT id, vector FROM chunks WHERE id IN ({})"
+        for i in range(0, len(missing), 8 * SQL_BATCH):
+            rows = list(self._rows_by_id(sql, missing[i : i + 8 * SQL_BATCH]))
+            self._add(np.array([r[0] for r in rows], dtype=np.int64), [r[1] for r in rows])
+
+    def _add(self, ids: np.ndarray, blobs: list[bytes]) -> None:
+        if len(ids):
+            vecs = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(ids), self.dim)
+            self._index.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), ids)
+
+    def _apply_removals(self) -> None:
+        """Removal from IndexFlat is O(n) per call, so replaced documents are removed in bulk."""
+        if self._pending_removals:
+            self._index.remove_ids(np.concatenate(self._pending_removals))
+            self._pending_removals = []
+
+    def _sync_bm25(self, ids: np.ndarray) -> None:
+        """Keep, load or rebuild BM25 so that it covers exactly `ids` (bm25s cannot add incrementally)."""
+        if self._bm25_ids is not None and np.array_equal(self._bm25_ids, ids):
+            return
+        for snap in self._bm25_snapshots()[:2]:
+            try:
+                if np.array_equal(np.load(snap / "chunk_ids.npy"), ids):
+                    self._bm25 = bm25s.BM25.load(snap, show_progress=False) if len(ids) else None
+                    self._bm25_ids = ids
+                    return
+            except (OSError, ValueError, KeyError):  # removed by a newer writer while we looked: rebuild
+                continue
+        self._bm25, self._bm25_ids = self._build_bm25()
+
+    def _build_bm25(self) -> tuple[bm25s.BM25 | None, np.ndarray]:
+        vocab: dict[str, int] = {}
+        corpus: list[list[int]] = []
+        ids: list[int] = []
+        for cid, text in self._db.execute("SELECT id, text FROM chunks ORDER BY id"):
+            ids.append(cid)
+            corpus.append([vocab.setdefault(tok, len(vocab)) for tok in bm25_tokenize(text)])
+        if not corpus:
+            return None, np.zeros(0, dtype=np.int64)
+        if not vocab:  # only punctuation everywhere: give bm25s one (never queried) token
+            vocab[""] = 0
+        bm25 = bm25s.BM25()
+        bm25.index((corpus, vocab), create_empty_token=False, show_progress=False)
+        return bm25, np.array(ids, dtype=np.int64)
+
+    def _bm25_snapshots(self) -> list[Path]:
+        """Newest first."""
+        return sorted(self.index_dir.glob(BM25_PREFIX + "*"), reverse=True)
+
+    def _manifest(self) -> dict:
+        try:
+            return json.loads((self.index_dir / MANIFEST_NAME).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def refresh(self) -> None:
+        """See the latest state committed by another process (cheap when nothing changed)."""
+        self._sync()
+
+    # ---- snapshots ---------------------------------------------------------------------------
+
+    def save(self) -> None:
+        """Write FAISS + BM25 snapshots of the current committed state, then the manifest (last)."""
+        self._require_writer()
+        with self._lock:
+            self._sync()
+            self._apply_removals()
+            tag = f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            tmp = self.index_dir / f"{tag}-{FAISS_NAME}"
+            faiss.write_index(self._index, str(tmp))
+            _publish(tmp, self.index_dir / FAISS_NAME)
+            bm25_dir = self.index_dir / f"{BM25_PREFIX}{self.gen:012d}"
+            if not bm25_dir.exists():
+                tmp = self.index_dir / f"{tag}-bm25"
+                tmp.mkdir()
+                if self._bm25 is not None:
+                    self._bm25.save(tmp, show_progress=False)
+                np.save(tmp / "chunk_ids.npy", self._bm25_ids)
+                try:
+                    _publish(tmp, bm25_dir)
+                except OSError:
+                    if not bm25_dir.exists():
+                        raise
+                    shutil.rmtree(tmp)  # another writer published this generation first
+            manifest = {
+                "generation": self.gen,
+                "chunks": int(self._index.ntotal),
+                "faiss": FAISS_NAME,
+                "bm25": bm25_dir.name,
+                "embedding_model": self.embedding_model,
+                "dim": self.dim,
+                "saved_at": time.time(),
+            }
+            tmp = self.index_dir / f"{tag}-{MANIFEST_NAME}"
+            tmp.write_text(json.dumps(manifest, indent=1))
+            _publish(tmp, self.index_dir / MANIFEST_NAME)
+            for old in self._bm25_snapshots()[2:]:  # keep one older for readers still loading it
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _remove_dead_temps(self) -> None:
+        for tmp in self.index_dir.glob(TMP_PREFIX + "*"):
+            pid = tmp.name[len(TMP_PREFIX) :].split("-")[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+    # ---- writing -----------------------------------------------------------------------------
+
+    def _require_writer(self) -> None:
+        if self.readonly:
+            raise StoreError("this Store was opened readonly")
+
+    def _write(self, body: Callable[[], tuple[list[int], int]]) -> int:
+        """Run `body` in one write transaction; it returns the chunk ids it removed. Then mirror it
+        in memory: FAISS loses those ids (rows it added are already in), BM25 is rebuilt lazily."""
+        self._require_writer()
+        with self._lock:
+            added_before = self._index.ntotal
+            try:
+                with self._txn(write=True):
+                    gen = self._bump_gen()
+                    removed, doc_id = body()
+            except BaseException:
+                n_new = self._index.ntotal - added_before  # rows of the rolled-back transaction
+                if n_new:
+                    self._index.remove_ids(faiss.vector_to_array(self._index.id_map)[-n_new:].copy())
+                raise
+            if removed:
+                self._pending_removals.append(np.asarray(removed, dtype=np.int64))
+            if gen == self.gen:
+                self.gen = gen + 1
+            else:  # another process wrote since our last look: a full diff catches both
+                self._sync()
+            return doc_id
+
+    def _record(self, doc_id: int) -> DocRecord:
+        record = self.find_document(doc_id)
+        assert record is not None, "written in this very call"
+        return record
+
+    def _upsert_document(self, path: str, fields: dict) -> tuple[int, list[int]]:
+        """Insert or update the row for `path`; drop its chunks. Returns (doc id, removed chunk ids)."""
+        cols = ["path", "updated_at", *fields]
+        values = [path, time.time(), *fields.values()]
+        updates = ", ".join(f"{c} = excluded.{c}" for c in cols[1:])
+        doc_id = self._db.execute(
+            f"INSERT INTO documents ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+            f"ON CONFLICT(path) DO UPDATE SET {updates} RETURNING id",
+            values,
+        ).fetchone()[0]
+        removed = [r[0] for r in self._db.execute("SELECT id FROM chunks WHERE doc_id = ?", (doc_id,))]
+        self._db.execute("DELETE FROM chunks WHERE doc_id = ?", (doc_id,))
+        return doc_id, removed
+
+    def put_document(
+        self,
+        path: str,
+        *,
+        title: str,
+        sha256: str,
+        size: int,
+        mtime: float,
+        batches: Iterable[tuple[Sequence[Chunk], np.ndarray]],
+    ) -> DocRecord:
+        """Replace the document at `path` by the chunks in `batches`, in ONE transaction.
+
+        `batches` may be a generator that embeds while we write, so a 1000-page PDF never has all
+        its vectors in memory at once. If it raises, nothing of this document changes.
+        """
+
+        def body() -> tuple[list[int], int]:
+            meta = {"title": title, "sha256": sha256, "size": size, "mtime": mtime}
+            doc_id, removed = self._upsert_document(path, {**meta, "status": "indexed", "error": None})
+            n = 0
+            for chunks, vecs in batches:
+                vecs = np.asarray(vecs, dtype=np.float32)
+                if vecs.shape != (len(chunks), self.dim):
+                    raise StoreError(
+                        f"expected vectors of shape ({len(chunks)}, {self.dim}), got {vecs.shape}"
+                    )
+                ids = [
+                    self._db.execute(
+                        'INSERT INTO chunks (doc_id, page, start, "end", text, vector) '
+                        "VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+                        (doc_id, c.page, c.start, c.end, c.text, _to_blob(v)),
+                    ).fetchone()[0]
+                    for c, v in zip(chunks, vecs, strict=True)
+                ]
+                self._index.add_with_ids(vecs, np.array(ids, dtype=np.int64))
+                n += len(ids)
+            self._db.execute("UPDATE documents SET n_chunks = ? WHERE id = ?", (n, doc_id))
+            return removed, doc_id
+
+        return self._record(self._write(body))
+
+    def skip_document(
+        self,
+        path: str,
+        reason: str,
+        *,
+        sha256: str | None = None,
+        size: int | None = None,
+        mtime: float | None = None,
+    ) -> DocRecord:
+        """Record that `path` could not be indexed and why; any older chunks of it are dropped."""
+
+        def body() -> tuple[list[int], int]:
+            title = Path(path).name
+            meta = {"title": title, "sha256": sha256, "size": size, "mtime": mtime, "n_chunks": 0}
+            doc_id, removed = self._upsert_document(path, {**meta, "status": "skipped", "error": reason})
+            return removed, doc_id
+
+        return self._record(self._write(body))
+
+    def delete_document(self, doc_id: int, *, persist: bool = True) -> None:
+        """Remove a document from SQLite, FAISS and BM25; `persist` writes the snapshots now."""
+
+        def body() -> tuple[list[int], int]:
+            if self._db.execute("SELECT 1 FROM documents WHERE id = ?", (doc_id,)).fetchone() is None:
+                raise StoreError(f"no document with id {doc_id} in {self.index_dir}")
+            removed = [r[0] for r in self._db.execute("SELECT id FROM chunks WHERE doc_id = ?", (doc_id,))]
+            self._db.execute("DELETE FROM chunks WHERE doc_id = ?", (doc_id,))
+            self._db.execute("DELETE FROM documents WHERE id = ?", (doc_id,))
+            return removed, doc_id
+
+        self._write(body)
+        if persist:
+            self.save()
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    def documents(self) -> list[DocRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, path, title, sha256, size, mtime, status, error, n_chunks, updated_at "
+                "FROM documents ORDER BY path"
+            ).fetchall()
+        return [DocRecord(*r) for r in rows]
+
+    def find_document(self, key: str | int) -> DocRecord | None:
+        """By id (int or digits) or by path (as stored, or resolved from the current directory)."""
+        cols = "id, path, title, sha256, size, mtime, status, error, n_chunks, updated_at"
+        with self._lock:
+            if isinstance(key, int) or str(key).isdigit():
+                row = self._db.execute(f"SELECT {cols} FROM documents WHERE id = ?", (int(key),)).fetchone()
+                if row is not None or isinstance(key, int):
+                    return DocRecord(*row) if row else None
+            for path in (str(key), str(Path(key).expanduser().resolve())):
+                row = self._db.execute(f"SELECT {cols} FROM documents WHERE path = ?", (path,)).fetchone()
+                if row is not None:
+                    return DocRecord(*row)
+        return None
+
+    def dense_search(self, query_vec: np.ndarray, k: int) -> list[tuple[int, float]]:
+        """Top-k chunks by inner product (== cosine: vectors are normalized)."""
+        q = np.asarray(query_vec, dtype=np.float32).reshape(1, -1)
+        if q.shape[1] != self.dim:
+            raise ValueError(f"query vector has dim {q.shape[1]}, index has {self.dim}")
+        with self._lock:
+            self._apply_removals()
+            if k <= 0 or self._index.ntotal == 0:
+                return []
+            scores, ids = self._index.search(q, min(k, self._index.ntotal))
+        return [(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+
+    def bm25_search(self, query: str, k: int) -> list[tuple[int, float]]:
+        """Top-k chunks by BM25 over `bm25_tokenize`; chunks sharing no word with the query are left out."""
+        with self._lock:
+            self._sync()  # a writer's BM25 goes stale after its own writes; readers: no-op
+            if self._bm25 is None or k <= 0:
+                return []
+            vocab = self._bm25.vocab_dict
+            tok_ids = [vocab[t] for t in bm25_tokenize(query) if t in vocab]
+            if not tok_ids:
+                return []
+            scores = self._bm25.get_scores_from_ids(tok_ids)
+            ids = self._bm25_ids
+        k = min(k, len(scores))
+        top = np.argpartition(-scores, k - 1)[:k]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return [(int(ids[i]), float(scores[i])) for i in top if scores[i] > 0]
+
+    def hits(self, scored: list[tuple[int, float]]) -> list[Hit]:
+        """Full metadata, same order; chunks deleted since the search are dropped."""
+        sql = (
+            'SELECT c.id, c.doc_id, d.path, d.title, c.page, c.start, c."end", c.text '
+            "FROM chunks c JOIN documents d ON d.id = c.doc_id WHERE c.id IN ({})"
+        )
+        with self._lock, self._txn(write=False):
+            rows = {r[0]: r for r in self._rows_by_id(sql, [cid for cid, _ in scored])}
+        return [Hit(*rows[cid], score=score) for cid, score in scored if cid in rows]
+
+    def vectors(self, chunk_ids: list[int]) -> np.ndarray:
+        """Stored vectors, shape (len(chunk_ids), dim), same order (for MMR)."""
+        with self._lock, self._txn(write=False):
+            blobs = dict(self._rows_by_id("SELECT id, vector FROM chunks WHERE id IN ({})", chunk_ids))
+        missing = [c for c in chunk_ids if c not in blobs]
+        if missing:
+            raise KeyError(f"chunk ids not in the index: {missing[:10]}")
+        out = np.frombuffer(b"".join(blobs[c] for c in chunk_ids), dtype="<f4")
+        return out.reshape(len(chunk_ids), self.dim).astype(np.float32)
+
+    def stats(self) -> dict:
+        with self._lock, self._txn(write=False):
+            n_docs = self._db.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
+            n_chunks = self._db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+            by_status = dict(self._db.execute("SELECT status, COUNT(*) FROM documents GROUP BY status"))
+            gen = self._db_gen()
+        size = 0
+        for f in self.index_dir.rglob("*"):
+            with contextlib.suppress(OSError):  # a writer may remove old snapshots meanwhile
+                size += f.stat().st_size if f.is_file() else 0
+        return {
+            "index_dir": str(self.index_dir),
+            "documents": n_docs,
+            "chunks": n_chunks,
+            "by_status": by_status,
+            "disk_bytes": size,
+            "embedding_model": self.embedding_model,
+            "dim": self.dim,
+            "generation": gen,
+            "snapshot_generation": self._manifest().get("generation"),
+        }
+
+    def verify(self) -> None:
+        """Raise StoreError unless FAISS ids == SQLite chunk ids == BM25 ids, vectors are equal and
+        every document's n_chunks is right. Compares the in-memory state with SQLite's newest."""
+        with self._lock:
+            self._sync()
+            with self._txn(write=False):
+                ids = self._chunk_ids()
+                faiss_ids = np.sort(self._faiss_ids())
+                if self._db_gen() != self.gen:
+                    raise StoreError("index changed during verify(); run it again")
+                if not np.array_equal(faiss_ids, ids):
+                    raise StoreError(f"FAISS has {len(faiss_ids)} ids, SQLite {len(ids)}: not the same set")
+                if not np.array_equal(self._bm25_ids, ids):
+                    raise StoreError("BM25 does not cover exactly the SQLite chunks")
+                for cid, blob in self._db.execute("SELECT id, vector FROM chunks"):
+                    if not np.array_equal(self._index.reconstruct(int(cid)), np.frombuffer(blob, "<f4")):
+                        raise StoreError(f"FAISS vector of chunk {cid} differs from SQLite")
+                bad = self._db.execute(
+                    "SELECT d.id FROM documents d LEFT JOIN chunks c ON c.doc_id = d.id "
+                    "GROUP BY d.id HAVING COUNT(c.id) != d.n_chunks"
+                ).fetchall()
+                if bad:
+                    raise StoreError(f"documents with a wrong n_chunks: {[b[0] for b in bad]}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
