@@ -1,7 +1,259 @@
-"""`rag train ...` commands."""
+"""`rag train ...`: tokenizer, prepare (corpus -> token files), lm (pretraining), sft, dpo.
+
+Thin wrappers over rag.llm.{tokenizer,data,train,align}. Every training command also runs under
+`torchrun --nproc_per_node=N -m rag.llm.cli <command> ...` (DDP). Defaults need nothing but the
+public data in RAG_SHARED_DATA: `rag train lm --preset tiny` trains a tokenizer on tinyshakespeare,
+tokenizes it and pretrains the tiny model on CPU in a few minutes.
+"""
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+from functools import wraps
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.console import Console
+
+from rag.llm.checkpoint import CheckpointError
+from rag.llm.data import DataError, prepare_corpus, resolve_corpus
 
 app = typer.Typer(no_args_is_help=True)
+console = Console(stderr=True)
+
+Preset = Annotated[
+    str, typer.Option(help="Training + model preset: tiny (CPU, seconds) or default (GPU reader).")
+]
+Out = Annotated[
+    Path | None, typer.Option("--out", help="Run directory (checkpoint, metrics.jsonl, loss_curve.png).")
+]
+MaxSteps = Annotated[int | None, typer.Option(help="Optimizer steps (the preset's if unset).")]
+MaxTokens = Annotated[int | None, typer.Option(help="Token budget; sets max steps from tokens per step.")]
+BatchSize = Annotated[int | None, typer.Option(help="Micro-batch per rank.")]
+Lr = Annotated[float | None, typer.Option(help="Peak learning rate.")]
+Resume = Annotated[
+    bool, typer.Option(help="Continue the run in --out exactly where its checkpoint left off.")
+]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+Sets = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="Override any TrainConfig field, KEY=VALUE (JSON value), e.g. grad_accum=4; "
+        "model.KEY=VALUE overrides a ModelConfig field, e.g. model.n_layer=4.",
+    ),
+]
+
+
+def _friendly(fn):
+    """Known user errors become one red line and exit code 1 instead of a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError, FileExistsError, DataError, CheckpointError) as e:
+            console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(1) from e
+
+    return wrapper
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _config(preset: str, sets: list[str] | None, **given):
+    """TrainConfig from a preset, then the explicit options that were given, then --set overrides."""
+    from rag.llm.train import TRAIN_PRESETS, TrainConfig
+
+    if preset not in TRAIN_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(TRAIN_PRESETS)}")
+    values = {**TRAIN_PRESETS[preset], **{k: v for k, v in given.items() if v is not None}}
+    overrides = dict(values.pop("model_overrides", {}))
+    for item in sets or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        if key.startswith("model."):
+            overrides[key.removeprefix("model.")] = _parse_value(raw)
+        else:
+            values[key] = _parse_value(raw)
+    return TrainConfig.from_dict({**values, "model_overrides": overrides})
+
+
+def _report(result, out_dir: Path) -> None:
+    val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+    console.print(
+        f"step {result.step}: train loss {result.train_loss:.4f}, val loss {val}; checkpoint in {out_dir}"
+    )
+
+
+@app.command()
+@_friendly
+def tokenizer(
+    corpus: Annotated[list[str] | None, typer.Option(help="Corpus name or file (repeatable).")] = None,
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary size (< 65536 for uint16 token files).")] = 8192,
+    out: Annotated[Path, typer.Option(help="Where to write tokenizer.json.")] = Path(".data/tokenizer.json"),
+    max_chars: Annotated[int | None, typer.Option(help="Train on at most this many characters.")] = None,
+) -> None:
+    """Train the byte-level BPE tokenizer on corpus text."""
+    from rag.llm.tokenizer import train_tokenizer
+
+    paths = [p for name in corpus or ["tinyshakespeare"] for p in resolve_corpus(name)[0]]
+    tok = train_tokenizer(paths, out, vocab_size=vocab_size, max_chars=max_chars)
+    console.print(f"tokenizer with {tok.vocab_size} tokens written to {out}")
+
+
+@app.command()
+@_friendly
+def prepare(
+    corpus: Annotated[str, typer.Option(help="tinyshakespeare, wikitext-2, gutenberg, or a file/folder.")] = (
+        "tinyshakespeare"
+    ),
+    tokenizer_path: Annotated[
+        Path, typer.Option("--tokenizer", help="tokenizer.json to encode with.")
+    ] = Path(".data/tokenizer.json"),
+    out: Annotated[Path | None, typer.Option(help="Output folder (default .data/<corpus>).")] = None,
+    val_fraction: Annotated[
+        float | None,
+        typer.Option(
+            help="Share of text held out when the corpus has no val file (default: the corpus's, else 0.01)."
+        ),
+    ] = None,
+) -> None:
+    """Tokenize a corpus into memory-mapped uint16 train.bin / val.bin (+ meta.json, tokenizer.json)."""
+    from rag.llm.tokenizer import Tokenizer
+
+    train, val, share = resolve_corpus(corpus)
+    out = out or Path(".data") / Path(corpus).name.split(".")[0]
+    meta = prepare_corpus(
+        train, Tokenizer.load(tokenizer_path), out, val_paths=val, val_fraction=val_fraction or share
+    )
+    console.print(f"{out}: {meta['n_tokens']['train']:,} train / {meta['n_tokens']['val']:,} val tokens")
+
+
+def _ensure_data(corpus: str, vocab_size: int) -> Path:
+    """.data/<corpus>-v<vocab>: made on first use (tokenizer trained on the corpus, then tokenized)."""
+    from rag.llm.tokenizer import train_tokenizer
+
+    data_dir = Path(".data") / f"{Path(corpus).name.split('.')[0]}-v{vocab_size}"
+    if not (data_dir / "meta.json").is_file():
+        train, val, share = resolve_corpus(corpus)
+        console.print(f"preparing {data_dir} (tokenizer with {vocab_size} tokens on {corpus}) ...")
+        tok = train_tokenizer(
+            train, data_dir / "tokenizer.json", vocab_size=vocab_size, max_chars=200_000_000
+        )
+        prepare_corpus(train, tok, data_dir, val_paths=val, val_fraction=share)
+    return data_dir
+
+
+@app.command()
+@_friendly
+def lm(
+    preset: Preset = "tiny",
+    data: Annotated[
+        Path | None, typer.Option(help="A `rag train prepare` folder; default: made from --corpus.")
+    ] = None,
+    corpus: Annotated[
+        str | None,
+        typer.Option(help="Corpus when --data is unset (tiny: tinyshakespeare, default: gutenberg)."),
+    ] = None,
+    vocab_size: Annotated[int | None, typer.Option(help="Tokenizer size when --data is unset.")] = None,
+    out: Out = None,
+    max_steps: MaxSteps = None,
+    max_tokens: MaxTokens = None,
+    batch_size: BatchSize = None,
+    lr: Lr = None,
+    resume: Resume = False,
+    device: Device = "auto",
+    sets: Sets = None,
+) -> None:
+    """Pretrain the decoder LM from scratch (DDP under torchrun)."""
+    from rag.llm.train import train_lm
+
+    if data is None:
+        corpus = corpus or ("tinyshakespeare" if preset == "tiny" else "gutenberg")
+        data = _ensure_data(corpus, vocab_size or (2048 if preset == "tiny" else 8192))
+    out = out or Path("runs") / f"lm-{preset}"
+    given = dict(max_steps=max_steps, max_tokens=max_tokens, batch_size=batch_size, lr=lr, resume=resume)
+    cfg = _config(preset, sets, data_dir=str(data), out_dir=str(out), device=device, **given)
+    _report(train_lm(cfg), out)
+
+
+def _align(
+    kind: str, preset, data, val_data, init, out, max_steps, batch_size, lr, resume, device, sets, **extra
+):
+    from rag.llm.align import train_dpo, train_sft
+
+    out = out or Path("runs") / f"{kind}-{preset}"
+    cfg = _config(
+        preset,
+        sets,
+        data_dir=str(data),
+        val_data=str(val_data) if val_data else None,
+        init_from=str(init),
+        out_dir=str(out),
+        max_steps=max_steps,
+        batch_size=batch_size,
+        lr=lr,
+        resume=resume,
+        device=device,
+        **extra,
+    )
+    console.print(json.dumps({k: v for k, v in asdict(cfg).items() if k != "model_overrides"}))
+    _report((train_sft if kind == "sft" else train_dpo)(cfg), out)
+
+
+Init = Annotated[Path, typer.Option("--init", help="Checkpoint to start from (e.g. runs/lm-default).")]
+ValData = Annotated[Path | None, typer.Option(help="Held-out JSONL (else a fraction of --data).")]
+
+
+@app.command()
+@_friendly
+def sft(
+    data: Annotated[Path, typer.Option(help='JSONL of {"prompt", "answer"} rows.')],
+    init: Init,
+    preset: Preset = "tiny",
+    val_data: ValData = None,
+    out: Out = None,
+    max_steps: MaxSteps = None,
+    batch_size: BatchSize = None,
+    lr: Lr = None,
+    resume: Resume = False,
+    device: Device = "auto",
+    sets: Sets = None,
+) -> None:
+    """Supervised fine-tuning: loss on answer tokens only."""
+    _align("sft", preset, data, val_data, init, out, max_steps, batch_size, lr, resume, device, sets)
+
+
+@app.command()
+@_friendly
+def dpo(
+    data: Annotated[Path, typer.Option(help='JSONL of {"prompt", "chosen", "rejected"} rows.')],
+    init: Init,
+    preset: Preset = "tiny",
+    val_data: ValData = None,
+    out: Out = None,
+    beta: Annotated[float, typer.Option(help="DPO temperature: larger keeps closer to the reference.")] = 0.1,
+    max_steps: MaxSteps = None,
+    batch_size: BatchSize = None,
+    lr: Lr = None,
+    resume: Resume = False,
+    device: Device = "auto",
+    sets: Sets = None,
+) -> None:
+    """Direct preference optimisation against a frozen copy of --init."""
+    _align(
+        "dpo", preset, data, val_data, init, out, max_steps, batch_size, lr, resume, device, sets, beta=beta
+    )
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node=N -m rag.llm.cli lm ...
+    app()
