@@ -26,6 +26,7 @@ SUPPORTED_SUFFIXES = frozenset(TEXT_SUFFIXES | HTML_SUFFIXES | {".pdf"})
 
 # More than this share of control characters after decoding means the bytes were not text.
 MAX_CONTROL_RATIO = 0.01
+CHAOS_TIE = 0.1  # charset-normalizer "chaos" difference treated as a tie
 _COMMON = ("cp1252", "latin_1", "iso8859_15", "cp1251", "cp1250")  # tie-break order for legacy text
 _BOMS = (  # UTF-32 first: its little-endian BOM starts with the UTF-16 one.
     (codecs.BOM_UTF32_LE, "utf-32"),
@@ -70,9 +71,9 @@ def decode_text(data: bytes, declared: str | None = None) -> str:
     best = results.best()
     if best is None:
         raise SkipFile("binary file or unknown text encoding")
-    # Short Western text fits cp1250/cp1257 as well as cp1252 ("déjà" vs "déjŕ"); break exact ties
-    # by how common the code page is rather than by the guesser's order.
-    tied = [m for m in results if m.chaos <= best.chaos and m.coherence >= best.coherence]
+    # On short text the guesser often ranks cp1250/cp1257 above cp1252 ("déjà" read as "déjŕ"):
+    # among near-ties prefer the more common code page (11 -> 4 misses on 19 samples in 13 languages).
+    tied = [m for m in results if m.chaos <= best.chaos + CHAOS_TIE and m.coherence >= best.coherence]
     best = min(tied, key=lambda m: _COMMON.index(m.encoding) if m.encoding in _COMMON else len(_COMMON))
     return _check_text(str(best))
 
@@ -192,6 +193,9 @@ def _load_html(data: bytes, path: Path) -> tuple[str, list[str]]:
 # ----------------------------------------------------------------------------------------------- pdf
 
 
+_JUNK_PDF_TITLE = re.compile(r"|untitled.*|document\d*|microsoft word - .*", re.IGNORECASE)  # tool defaults
+
+
 def _load_pdf(data: bytes, path: Path) -> tuple[str, list[str]]:
     if b"%PDF" not in data[:1024]:
         raise SkipFile("not a PDF file (no %PDF header)")
@@ -228,7 +232,7 @@ def _load_pdf(data: bytes, path: Path) -> tuple[str, list[str]]:
         title = (reader.metadata.title or "").strip() if reader.metadata else ""
     except Exception:  # broken metadata must not cost us the text
         title = ""
-    return title or path.stem, texts
+    return (title if not _JUNK_PDF_TITLE.fullmatch(title) else "") or path.stem, texts
 
 
 # ------------------------------------------------------------------------------------------ dispatch
@@ -271,4 +275,6 @@ def load_document(path: Path | str, max_bytes: int) -> Document:
         raise SkipFile(f"cannot parse {suffix[1:].upper()}: {type(exc).__name__}: {exc}") from exc
     if not any(t.strip() for t in texts):
         raise SkipFile("empty file (only whitespace)")
-    return Document(path=str(path), title=title, pages=[Page(i, t) for i, t in enumerate(texts, 1)])
+    return Document(
+        path=str(path), title=" ".join(title.split()), pages=[Page(i, t) for i, t in enumerate(texts, 1)]
+    )
