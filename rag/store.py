@@ -461,6 +461,15 @@ class Store:
         mtime: float | None = None,
     ) -> DocRecord:
         """Record that `path` could not be indexed and why; any older chunks of it are dropped."""
+        old = self.find_document(path)
+        if old is not None and (old.status, old.error, old.sha256, old.size, old.mtime) == (
+            "skipped",
+            reason,
+            sha256,
+            size,
+            mtime,
+        ):
+            return old  # nothing new: no write, so readers need not refresh
 
         def body() -> tuple[list[int], int]:
             title = Path(path).name
@@ -524,7 +533,8 @@ class Store:
     def bm25_search(self, query: str, k: int) -> list[tuple[int, float]]:
         """Top-k chunks by BM25 over `bm25_tokenize`; chunks sharing no word with the query are left out."""
         with self._lock:
-            self._sync()  # a writer's BM25 goes stale after its own writes; readers: no-op
+            if self._bm25_gen != self.gen:  # a writer's BM25 is rebuilt lazily after its own writes
+                self._sync()
             if self._bm25 is None or k <= 0:
                 return []
             vocab = self._bm25.vocab_dict

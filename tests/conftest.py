@@ -20,3 +20,11 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data folder not found at {path} (set RAG_SHARED_DATA)")
     return path
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """The real bundled all-MiniLM-L6-v2 on CPU, loaded once per session (a few seconds)."""
+    from rag.embed import get_embedder
+
+    return get_embedder()

@@ -1,0 +1,231 @@
+"""The store alone (random unit vectors, dim 8): round trip, id agreement, deletes, repair, mismatch."""
+
+from __future__ import annotations
+
+import sqlite3
+import unicodedata
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from rag.store import DB_NAME, FAISS_NAME, ModelMismatch, Store, StoreError, bm25_tokenize
+from rag.types import Chunk
+
+DIM = 8
+RNG = np.random.default_rng(0)
+
+
+def unit(n: int) -> np.ndarray:
+    v = RNG.normal(size=(n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def put(store: Store, path: str, *texts: str, page: int = 1):
+    chunks, start = [], 0
+    for t in texts:
+        chunks.append(Chunk(page, start, start + len(t), t))
+        start += len(t) + 1
+    vecs = unit(len(chunks))
+    rec = store.put_document(path, title=Path(path).stem, sha256=f"sha-{path}", size=1, mtime=1.0,
+                             batches=[(chunks, vecs)])  # fmt: skip
+    return rec, vecs
+
+
+def sqlite_ids(index_dir: Path) -> list[int]:
+    with sqlite3.connect(index_dir / DB_NAME) as db:
+        return [r[0] for r in db.execute("SELECT id FROM chunks ORDER BY id")]
+
+
+def faiss_ids(store: Store) -> list[int]:
+    return sorted(store._faiss_ids().tolist())  # after the deferred removals
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "index", "test-model", DIM)
+    yield s
+    s.close()
+
+
+def test_round_trip(tmp_path, store):
+    a, va = put(store, "/docs/a.txt", "alpha apples", "alpha bananas")
+    b, vb = put(store, "/docs/b.txt", "unique zebra stripes", page=3)
+    assert (a.status, a.n_chunks, b.n_chunks) == ("indexed", 2, 1)
+    store.save()
+    store.close()
+
+    with Store(tmp_path / "index", readonly=True) as ro:
+        assert (ro.embedding_model, ro.dim) == ("test-model", DIM)
+        assert [d.path for d in ro.documents()] == ["/docs/a.txt", "/docs/b.txt"]
+        assert ro.find_document("/docs/b.txt").id == ro.find_document(b.id).id == b.id
+        assert ro.find_document("/nope") is None and ro.find_document(12345) is None
+        top = ro.dense_search(vb[0], k=2)
+        assert top[0][1] == pytest.approx(1.0, abs=1e-5)
+        [hit] = ro.hits(top[:1])
+        assert (hit.doc_id, hit.path, hit.title, hit.page, hit.text) == (
+            b.id,
+            "/docs/b.txt",
+            "b",
+            3,
+            "unique zebra stripes",
+        )
+        assert (hit.start, hit.end) == (0, len(hit.text))
+        assert [h.path for h in ro.hits(ro.bm25_search("zebra", k=5))] == ["/docs/b.txt"]
+        alpha = ro.hits(ro.bm25_search("alpha", k=5))
+        assert {h.text for h in alpha} == {"alpha apples", "alpha bananas"}
+        np.testing.assert_array_equal(ro.vectors([h.chunk_id for h in alpha]), np.stack([
+            va[0] if h.text == "alpha apples" else va[1] for h in alpha]))  # fmt: skip
+        stats = ro.stats()
+        assert (stats["documents"], stats["chunks"], stats["by_status"]) == (2, 3, {"indexed": 2})
+        assert stats["disk_bytes"] > 0 and stats["generation"] == stats["snapshot_generation"]
+        ro.verify()
+        with pytest.raises(StoreError, match="readonly"):
+            ro.delete_document(a.id)
+        with pytest.raises(KeyError):
+            ro.vectors([999999])
+
+
+def test_faiss_ids_equal_sqlite_ids_after_add_replace_delete(tmp_path, store):
+    a, _ = put(store, "/a", "one", "two")
+    b, _ = put(store, "/b", "three")
+    assert faiss_ids(store) == sqlite_ids(store.index_dir)
+    old = sqlite_ids(store.index_dir)
+    a2, _ = put(store, "/a", "one again", "two again", "three again")  # replace
+    assert a2.id == a.id and a2.n_chunks == 3
+    new = sqlite_ids(store.index_dir)
+    assert faiss_ids(store) == new and not set(new) & (set(old) - {old[2]})  # ids are never reused
+    store.delete_document(b.id)
+    assert faiss_ids(store) == sqlite_ids(store.index_dir) and len(sqlite_ids(store.index_dir)) == 3
+    store.verify()
+    store.close()
+    with Store(tmp_path / "index", readonly=True) as ro:
+        assert faiss_ids(ro) == sqlite_ids(ro.index_dir)
+        ro.verify()
+
+
+def test_delete_removes_from_sqlite_faiss_and_bm25(tmp_path, store):
+    put(store, "/keep", "ordinary words here")
+    gone, vecs = put(store, "/gone", "xylophone quartet")
+    store.save()
+    reader = Store(tmp_path / "index", readonly=True)  # another "process", opened before the delete
+    assert store.bm25_search("xylophone", 5) and store.dense_search(vecs[0], 1)[0][1] > 0.999
+    store.delete_document(gone.id)
+    for s in (store, reader):
+        s.refresh()
+        assert s.find_document("/gone") is None
+        assert s.bm25_search("xylophone", 5) == []
+        assert all(score < 0.999 for _, score in s.dense_search(vecs[0], 5))
+        s.verify()
+    reader.close()
+    with Store(tmp_path / "index", readonly=True) as ro:  # the snapshot on disk was rewritten too
+        assert ro.bm25_search("xylophone", 5) == [] and ro.stats()["chunks"] == 1
+    with pytest.raises(StoreError, match="no document with id"):
+        store.delete_document(gone.id)
+
+
+def test_model_mismatch_and_bad_opens(tmp_path, store):
+    put(store, "/a", "text")
+    with pytest.raises(ModelMismatch, match="test-model"):
+        Store(tmp_path / "index", "other-model", DIM)
+    with pytest.raises(ModelMismatch):
+        Store(tmp_path / "index", "test-model", DIM * 2)
+    with pytest.raises(StoreError, match="no index"):
+        Store(tmp_path / "missing", readonly=True)
+    with pytest.raises(StoreError, match="needs embedding_model"):
+        Store(tmp_path / "fresh")
+    with pytest.raises(ValueError, match="dim"):
+        store.dense_search(np.ones(DIM + 1), 3)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / DB_NAME).write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="cannot open"):
+        Store(tmp_path / "junk", readonly=True)
+
+
+def test_reader_sees_committed_state_until_refresh(tmp_path, store):
+    put(store, "/a", "first apple")
+    store.save()
+    reader = Store(tmp_path / "index", readonly=True)
+    put(store, "/b", "second apple")
+    assert len(reader.bm25_search("apple", 5)) == 1  # its last committed view, not a torn one
+    reader.refresh()
+    assert len(reader.bm25_search("apple", 5)) == 2
+    reader.verify()
+    reader.close()
+
+
+def test_open_repairs_stale_or_broken_snapshots(tmp_path, store):
+    """What a kill between a commit and the next snapshot leaves: SQLite ahead of the files."""
+    a, _ = put(store, "/a", "alpha")
+    put(store, "/b", "beta")
+    store.save()
+    put(store, "/c", "gamma")  # committed, never snapshotted
+    store.delete_document(a.id, persist=False)
+    snapshot_gen = store.stats()["snapshot_generation"]
+    store.close()
+    with Store(tmp_path / "index", readonly=True) as ro:  # readers repair in memory only
+        ro.verify()
+        assert ro.bm25_search("gamma", 5) and not ro.bm25_search("alpha", 5)
+        assert ro.stats()["snapshot_generation"] == snapshot_gen
+    index_dir = tmp_path / "index"
+    (index_dir / FAISS_NAME).write_bytes(b"garbage")  # unreadable: rebuilt from SQLite vectors
+    dead = index_dir / ".tmp-999999999-deadbeef-vectors.faiss"  # a killed writer's leftover
+    dead.write_bytes(b"partial")
+    with Store(index_dir, "test-model", DIM) as rw:  # a writer persists the repair
+        rw.verify()
+        assert rw.stats()["snapshot_generation"] == rw.stats()["generation"]
+    assert not dead.exists()
+    assert faiss.read_index(str(index_dir / FAISS_NAME)).ntotal == 2
+
+
+def test_failed_write_changes_nothing(store):
+    a, _ = put(store, "/a", "original text")
+
+    def broken():
+        yield [Chunk(1, 0, 3, "new")], unit(1)
+        raise RuntimeError("embedder died")
+
+    with pytest.raises(RuntimeError, match="embedder died"):
+        store.put_document("/a", title="a", sha256="x", size=1, mtime=1.0, batches=broken())
+    with pytest.raises(StoreError, match="shape"):
+        store.put_document(
+            "/a", title="a", sha256="x", size=1, mtime=1.0, batches=[([Chunk(1, 0, 1, "n")], unit(2))]
+        )
+    assert store.find_document("/a").sha256 == a.sha256
+    assert [h.text for h in store.hits(store.bm25_search("original", 5))] == ["original text"]
+    store.verify()
+
+
+def test_skip_document_records_reason_and_drops_chunks(store):
+    put(store, "/a", "was readable")
+    rec = store.skip_document("/a", "encrypted PDF (password required)", sha256="s2", size=5, mtime=2.0)
+    assert (rec.status, rec.error, rec.n_chunks) == ("skipped", "encrypted PDF (password required)", 0)
+    gen = store.stats()["generation"]
+    assert store.skip_document("/a", rec.error, sha256="s2", size=5, mtime=2.0).id == rec.id
+    assert store.stats()["generation"] == gen  # the same skip again writes nothing
+    assert store.bm25_search("readable", 5) == [] and store.stats()["chunks"] == 0
+    store.verify()
+
+
+def test_bm25_tokenize_is_language_neutral():
+    assert bm25_tokenize("Příliš ŽLUŤOUČKÝ kůň") == ["příliš", "žluťoučký", "kůň"]
+    assert bm25_tokenize(unicodedata.normalize("NFD", "žluťoučký kůň")) == ["žluťoučký", "kůň"]
+    assert bm25_tokenize("Київ — столиця України; Москва, 2024!") == [
+        "київ",
+        "столиця",
+        "україни",
+        "москва",
+        "2024",
+    ]
+    assert bm25_tokenize("The runners were running") == ["the", "runners", "were", "running"]  # no stemming
+    assert bm25_tokenize("...  --") == []
+
+
+def test_multilingual_bm25_search(store):
+    put(store, "/cs", "Praha je hlavní město České republiky")
+    put(store, "/uk", "Київ є столицею України")
+    put(store, "/en", "The capital of France is Paris")
+    for query, path in [("hlavní MĚSTO", "/cs"), ("столицею", "/uk"), ("the capital", "/en")]:
+        assert store.hits(store.bm25_search(query, 1))[0].path == path
+    assert store.bm25_search("!!!", 3) == [] and store.bm25_search("unknownword", 3) == []
