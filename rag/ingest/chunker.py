@@ -93,10 +93,10 @@ class Chunker:
     def _levels(text: str, offs: np.ndarray, words: np.ndarray) -> np.ndarray:
         """Strength of the boundary before each token (index 0 unused), vectorized over the page."""
         cps = _codepoints(text)
-        newline_cum = np.concatenate(([0], np.cumsum(cps == 10)))
+        newline_at = np.flatnonzero(cps == 10)
         prev_end, start = offs[:-1, 1], offs[1:, 0]
         gap = start - prev_end
-        newlines = newline_cum[start] - newline_cum[prev_end]
+        newlines = np.searchsorted(newline_at, start) - np.searchsorted(newline_at, prev_end)
         last = cps[prev_end - 1]
         before_last = cps[np.maximum(prev_end - 2, 0)]
         mark = np.where(np.isin(last, _CLOSERS), before_last, last)  # 'end." ' ends a sentence too

@@ -9,7 +9,6 @@ from __future__ import annotations
 import codecs
 import io
 import re
-import unicodedata
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,6 +27,7 @@ SUPPORTED_SUFFIXES = frozenset(TEXT_SUFFIXES | HTML_SUFFIXES | {".pdf"})
 MAX_CONTROL_RATIO = 0.01
 CHAOS_TIE = 0.1  # charset-normalizer "chaos" difference treated as a tie
 _COMMON = ("cp1252", "latin_1", "iso8859_15", "cp1251", "cp1250")  # tie-break order for legacy text
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f\ufffd]")  # C0/C1 controls except \t\n\v\f\r
 _BOMS = (  # UTF-32 first: its little-endian BOM starts with the UTF-16 one.
     (codecs.BOM_UTF32_LE, "utf-32"),
     (codecs.BOM_UTF32_BE, "utf-32"),
@@ -81,9 +81,7 @@ def decode_text(data: bytes, declared: str | None = None) -> str:
 def _check_text(text: str) -> str:
     """Reject decoded 'text' that is mostly control characters: binary that happened to decode."""
     sample = text[:65536]
-    bad = sum(
-        1 for ch in sample if ch == "\ufffd" or (unicodedata.category(ch) == "Cc" and ch not in "\t\n\r\f\v")
-    )
+    bad = len(_CONTROL.findall(sample))
     if bad > MAX_CONTROL_RATIO * len(sample):
         raise SkipFile("binary file (too many control characters)")
     return text
