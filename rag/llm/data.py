@@ -87,6 +87,12 @@ def _text_blocks(path: Path, block_chars: int, progress: tqdm) -> Iterator[str]:
         progress.update(raw.tell() - seen)
 
 
+def check_vocab_fits(vocab_size: int) -> None:
+    """Token ids are stored as uint16; vocab < 65536 also leaves 65535 free as a never-valid id."""
+    if vocab_size >= np.iinfo(TOKEN_DTYPE).max + 1:
+        raise DataError(f"vocab size {vocab_size} does not fit uint16 token files (needs < 65536)")
+
+
 def prepare_corpus(
     train_paths: list[Path],
     tokenizer,
@@ -103,8 +109,7 @@ def prepare_corpus(
     spreads validation text over the whole corpus; blocks shrink for small corpora so that val gets
     several of them. Each file is one document: BOS ... EOS.
     """
-    if tokenizer.vocab_size >= np.iinfo(TOKEN_DTYPE).max + 1:
-        raise DataError(f"vocab size {tokenizer.vocab_size} does not fit uint16 token files (needs < 65536)")
+    check_vocab_fits(tokenizer.vocab_size)
     if val_paths is None and not 0 < val_fraction < 1:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
     missing = [str(p) for p in [*train_paths, *(val_paths or [])] if not Path(p).is_file()]

@@ -54,12 +54,14 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 )
 
 
+def peak_flops_for(device_name: str) -> float | None:
+    """Peak dense bf16 FLOP/s for a torch.cuda.get_device_name() string; None for GPUs not in the table."""
+    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS if key in device_name), None)
+
+
 def peak_flops(device: torch.device) -> float | None:
-    """Peak dense bf16 FLOP/s of a CUDA device, None on CPU or an unknown GPU (then MFU is not reported)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
+    """Peak of this device; None on CPU or an unknown GPU, and then MFU is not reported."""
+    return peak_flops_for(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 @dataclass
