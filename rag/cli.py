@@ -1,15 +1,270 @@
-"""`rag` command line: a thin layer over the library; the REST API calls the same functions."""
+"""`rag` command line: a thin layer over the library; the REST API calls the same functions.
+
+Every command takes `--index DIR` and `--json`. With `--json`, stdout carries exactly one JSON
+value (progress goes to stderr or is hidden) so scripts can pipe it; user errors exit with code 1
+and a one-line message, never a traceback.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from bench.cli import app as bench_app
+from rag.config import Settings, get_settings
+from rag.embed import get_embedder
+from rag.eval import run_beir
+from rag.ingest.job import IngestReport, ProgressEvent, ingest
 from rag.llm.cli import app as llm_app
+from rag.retrieve import Retriever
+from rag.store import DB_NAME, Store, StoreError
 
-app = typer.Typer(help="Self-hosted RAG: ingest folders, search them, answer with our own LLM.", no_args_is_help=True)
+app = typer.Typer(
+    help="Self-hosted RAG: ingest folders, search them, answer with our own LLM.", no_args_is_help=True
+)
 app.add_typer(llm_app, name="train", help="Train the decoder LLM: tokenizer, pretraining, SFT, DPO.")
 app.add_typer(bench_app, name="bench", help="Benchmarks (speed and memory, printed as ratios).")
+eval_app = typer.Typer(no_args_is_help=True)
+app.add_typer(eval_app, name="eval", help="Evaluate retrieval quality on public benchmarks.")
+
+console = Console()
+err_console = Console(stderr=True)
+
+IndexOpt = Annotated[
+    Path | None, typer.Option("--index", help="Index folder (default: RAG_INDEX_DIR or ./index).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON value on stdout instead of tables.")]
+
+
+class UserError(Exception):
+    """Bad input detected by the CLI itself (e.g. an unknown document)."""
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn expected failures (bad path, missing index, model mismatch) into a message and exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (UserError, StoreError, OSError, ValueError) as exc:
+            err_console.print(f"[bold red]Error:[/] {exc}", highlight=False)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def settings_for(index: Path | None) -> Settings:
+    settings = get_settings()
+    return settings if index is None else settings.model_copy(update={"index_dir": index})
+
+
+def open_store(settings: Settings, readonly: bool = True, check_model: bool = True) -> Store:
+    """Open an existing index; a missing one is an error (search must not create an empty index).
+
+    Without check_model, `docs`/`stats`/`delete` work on an index built with any model.
+    """
+    model = settings.embedding_model if check_model else None
+    if not readonly and not (settings.index_dir / DB_NAME).is_file():
+        raise StoreError(f"no index at {settings.index_dir} (run `rag ingest` first)")
+    return Store(settings.index_dir, embedding_model=model, readonly=readonly)
+
+
+def emit_json(value: Any) -> None:
+    typer.echo(json.dumps(value, ensure_ascii=False, indent=2))
+
+
+@contextmanager
+def ingest_progress(enabled: bool) -> Iterator[Callable | None]:
+    """A rich progress bar (files, chunks, chunks/s) fed by ingest's ProgressEvent callback."""
+    if not enabled:
+        yield None
+        return
+    progress = Progress(
+        TextColumn("[bold]ingest"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("files  {task.fields[chunks]} chunks  {task.fields[rate]:.1f} chunks/s"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[current]}", style="dim"),
+        console=err_console,
+    )
+    task = progress.add_task("ingest", total=None, chunks=0, rate=0.0, current="")
+    start = time.perf_counter()
+
+    def on_progress(ev: ProgressEvent) -> None:
+        rate = ev.chunks_done / max(time.perf_counter() - start, 1e-9)
+        name = Path(ev.current_path).name if ev.current_path else ""
+        progress.update(
+            task,
+            completed=ev.files_done,
+            total=ev.files_total,
+            chunks=ev.chunks_done,
+            rate=rate,
+            current=name,
+        )
+
+    with progress:
+        yield on_progress
+
+
+def run_ingest(paths: list[Path], settings: Settings, prune: bool, show_progress: bool) -> IngestReport:
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise UserError(f"path not found: {', '.join(map(str, missing))}")
+    with ingest_progress(show_progress) as on_progress:
+        return ingest(paths, settings, prune=prune, on_progress=on_progress)
+
+
+@app.command("ingest")
+@user_errors
+def ingest_cmd(
+    paths: Annotated[list[Path], typer.Argument(help="Files or folders to ingest (recursively).")],
+    prune: Annotated[bool, typer.Option("--prune", help="Delete indexed documents missing on disk.")] = False,
+    index: IndexOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add new or changed files to the index; unchanged files are skipped by content hash."""
+    report = run_ingest(paths, settings_for(index), prune, show_progress=not as_json)
+    if as_json:
+        return emit_json(report.to_dict())
+    summary = (
+        f"[green]{report.ingested}[/] ingested, {report.unchanged} unchanged, {report.chunks} chunks, "
+        f"{len(report.skipped)} skipped"
+    )
+    if prune:
+        summary += f", {report.deleted} deleted"
+    console.print(f"{summary} in {report.seconds:.1f}s")
+    if report.skipped:
+        table = Table("file", "reason", title="Skipped files", title_justify="left")
+        for path, reason in report.skipped:
+            table.add_row(str(path), reason)
+        console.print(table)
+
+
+@app.command("search")
+@user_errors
+def search_cmd(
+    query: Annotated[str, typer.Argument(help="What to look for.")],
+    k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Number of results.")] = 5,
+    mode: Annotated[str, typer.Option("--mode", help="hybrid (default), dense or bm25.")] = "hybrid",
+    mmr: Annotated[
+        float | None, typer.Option("--mmr", min=0.0, max=1.0, help="MMR lambda: lower = more diverse.")
+    ] = None,
+    index: IndexOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find the chunks most relevant to QUERY."""
+    settings = settings_for(index)
+    store = open_store(settings)
+    hits = Retriever(store, get_embedder(settings.embedding_model, settings.device)).search(
+        query, k, mode, mmr
+    )
+    if as_json:
+        return emit_json([h.to_dict() for h in hits])
+    if not hits:
+        console.print("No results.")
+    for rank, h in enumerate(hits, start=1):
+        console.print(
+            f"[bold]{rank}.[/] [cyan]{h.title}[/] [dim]{h.path} p.{h.page} [{h.start}:{h.end}] "
+            f"score {h.score:.4f}[/]",
+            highlight=False,
+        )
+        console.print(" ".join(h.text.split())[:400], highlight=False, markup=False)
+        console.print()
+
+
+@app.command("docs")
+@user_errors
+def docs_cmd(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
+    """List indexed documents with their status, chunk count and error."""
+    docs = open_store(settings_for(index), check_model=False).documents()
+    if as_json:
+        return emit_json([d.to_dict() for d in docs])
+    table = Table("id", "path", "title", "status", "chunks", "error")
+    for d in docs:
+        style = "red" if d.error else None
+        table.add_row(str(d.id), d.path, d.title, d.status, str(d.n_chunks), d.error or "", style=style)
+    console.print(table if docs else "The index is empty.")
+
+
+@app.command("delete")
+@user_errors
+def delete_cmd(
+    doc: Annotated[str, typer.Argument(help="Document id or path (as listed by `rag docs`).")],
+    index: IndexOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove one document from the index (SQLite, FAISS and BM25)."""
+    with open_store(settings_for(index), readonly=False, check_model=False) as store:
+        record = store.find_document(doc)
+        if record is None:
+            raise UserError(f"no document {doc!r} in the index; see `rag docs`")
+        store.delete_document(record.id)
+    if as_json:
+        return emit_json({"deleted": {"id": record.id, "path": record.path}})
+    console.print(f"Deleted document {record.id}: {record.path}", highlight=False)
+
+
+@app.command("stats")
+@user_errors
+def stats_cmd(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
+    """Counts, index size and embedding model of the index."""
+    stats = open_store(settings_for(index), check_model=False).stats()
+    if as_json:
+        return emit_json(stats)
+    table = Table("stat", "value", show_header=False)
+    for key, value in stats.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+    console.print(table)
+
+
+@eval_app.command("retrieval")
+@user_errors
+def eval_retrieval_cmd(
+    beir: Annotated[
+        Path, typer.Option("--beir", help="BEIR dataset folder (corpus.jsonl, queries.jsonl, qrels/).")
+    ],
+    split: Annotated[str, typer.Option("--split", help="Qrels split: qrels/SPLIT.tsv.")] = "test",
+    limit_queries: Annotated[
+        int | None, typer.Option("--limit-queries", min=1, help="Evaluate only the first N queries.")
+    ] = None,
+    index: Annotated[
+        Path | None, typer.Option("--index", help="Index folder (default: a cache folder keyed by corpus).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """nDCG@10, Recall@100 and MRR@10 of dense, bm25 and hybrid retrieval on a BEIR dataset."""
+    show = not as_json
+    with ingest_progress(show) as on_progress:
+        result = run_beir(
+            beir, split, get_settings(), index_dir=index, limit_queries=limit_queries, on_progress=on_progress
+        )
+    if as_json:
+        return emit_json(result)
+    table = Table(
+        "mode",
+        "nDCG@10",
+        "Recall@100",
+        "MRR@10",
+        title=f"{beir.name} / {split}: {result['queries']} queries, {result['documents']} documents",
+    )
+    for mode in ("dense", "bm25", "hybrid"):
+        m = result[mode]
+        table.add_row(mode, f"{m['ndcg@10']:.4f}", f"{m['recall@100']:.4f}", f"{m['mrr@10']:.4f}")
+    console.print(table)
+    console.print(f"index: {result['index']}", highlight=False)
+
 
 if __name__ == "__main__":
     app()

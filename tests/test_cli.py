@@ -1,0 +1,171 @@
+"""The `rag` CLI on a tiny real index: in-process with CliRunner, error paths as real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rag.cli import app
+
+runner = CliRunner()
+ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
+DOCS = {
+    "volcano.md": "# Volcanoes\n\nMagma rises through the crust and erupts as lava; Mount Etna in Sicily "
+    "is one of the most active volcanoes in the world.",
+    "tea.txt": "Green tea is steamed or pan-fired soon after picking, so its leaves do not oxidise; "
+    "black tea leaves are rolled and fully oxidised before drying.",
+    "rust.html": "<html><head><title>Rust ownership</title></head><body><p>Every value in Rust has "
+    "a single owner; when the owner goes out of scope the borrow checker lets the value be dropped."
+    "</p></body></html>",
+}
+
+
+def rag(*args: str):
+    result = runner.invoke(app, [str(a) for a in args], env=ENV)
+    assert "Traceback" not in result.output
+    return result
+
+
+def rag_json(*args: str):
+    result = rag(*args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("corpus")
+    for name, text in DOCS.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    (folder / "empty.md").write_text("")
+    (folder / "blob.txt").write_bytes(b"\x00\x01binary\x00")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def index(corpus, tmp_path_factory) -> Path:
+    index = tmp_path_factory.mktemp("index")
+    report = rag_json("ingest", corpus, "--index", index)
+    assert report["ingested"] == len(DOCS) and report["chunks"] >= len(DOCS)
+    assert report["unchanged"] == 0
+    reasons = {Path(s["path"]).name: s["reason"] for s in report["skipped"]}
+    assert reasons == {"empty.md": "empty file", "blob.txt": "binary file (contains NUL bytes)"}
+    return index
+
+
+def test_reingest_is_incremental_and_shows_skipped_table(corpus, index):
+    assert rag_json("ingest", corpus, "--index", index)["unchanged"] == len(DOCS)
+    result = rag("ingest", corpus, "--index", index)
+    assert result.exit_code == 0
+    assert "0 ingested, 3 unchanged" in result.stdout
+    assert "Skipped files" in result.stdout and "binary file (contains NUL bytes)" in result.stdout
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "dense", "bm25"])
+def test_search_json(index, mode):
+    hits = rag_json("search", "which volcano is most active", "-k", "2", "--mode", mode, "--index", index)
+    assert len(hits) == 2
+    top = hits[0]
+    assert Path(top["path"]).name == "volcano.md" and top["page"] == 1
+    assert {"path", "page", "start", "end", "score", "text", "title"} <= top.keys()
+    assert top["end"] - top["start"] == len(top["text"]) and "Etna" in top["text"]
+
+
+def test_search_table_and_mmr(index):
+    result = rag("search", "ownership and borrowing in Rust", "--index", index, "--mmr", "0.5")
+    assert result.exit_code == 0
+    assert "1. Rust ownership" in result.stdout and "rust.html p.1" in result.stdout
+
+
+def test_docs_and_stats(index):
+    docs = {Path(d["path"]).name: d for d in rag_json("docs", "--index", index)}
+    assert sorted(docs) == sorted([*DOCS, "empty.md", "blob.txt"])  # skipped files are listed too
+    assert all(docs[name]["n_chunks"] >= 1 and not docs[name]["error"] for name in DOCS)
+    assert docs["blob.txt"]["n_chunks"] == 0 and "NUL bytes" in docs["blob.txt"]["error"]
+    assert docs["blob.txt"]["status"] != docs["tea.txt"]["status"]
+    table = rag("docs", "--index", index).stdout
+    assert "Volcanoes" in table and "Rust ownership" in table and "empty file" in table
+    stats = rag_json("stats", "--index", index)
+    assert stats["documents"] == len(docs) and stats["chunks"] == sum(d["n_chunks"] for d in docs.values())
+    assert "documents" in rag("stats", "--index", index).stdout
+
+
+def test_delete_by_path_and_id(corpus, tmp_path):
+    index = tmp_path / "index"
+    rag_json("ingest", corpus, "--index", index)
+    deleted = rag_json("delete", corpus / "tea.txt", "--index", index)["deleted"]
+    assert Path(deleted["path"]).name == "tea.txt"
+    rust = next(d for d in rag_json("docs", "--index", index) if d["path"].endswith("rust.html"))
+    result = rag("delete", str(rust["id"]), "--index", index)
+    assert result.exit_code == 0 and "rust.html" in result.stdout
+    left = {Path(d["path"]).name for d in rag_json("docs", "--index", index)}
+    assert left == {"volcano.md", "empty.md", "blob.txt"}
+    hits = rag_json("search", "green tea leaves oxidised", "--index", index)
+    assert all(Path(h["path"]).name == "volcano.md" for h in hits)
+    missing = rag("delete", "no-such-doc.txt", "--index", index)
+    assert missing.exit_code == 1 and "no document 'no-such-doc.txt'" in missing.stderr
+
+
+def test_user_errors_exit_nonzero_without_traceback(tmp_path):
+    result = rag("search", "anything", "--index", tmp_path / "nowhere")
+    assert result.exit_code == 1 and "no index at" in result.stderr
+    result = rag("ingest", tmp_path / "missing-folder", "--index", tmp_path / "i")
+    assert result.exit_code == 1 and "path not found" in result.stderr
+    assert rag("search", "x", "--mode", "sparse", "--index", tmp_path).exit_code == 1
+
+
+def run_rag(*args, env=None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "rag.cli", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=120)
+
+
+def test_model_mismatch_and_missing_index_in_a_real_process(index, tmp_path):
+    proc = run_rag("search", "lava", "--index", index, env={"RAG_EMBEDDING_MODEL": "all-MiniLM-L12-v2"})
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "Error:" in proc.stderr
+    assert "all-MiniLM-L12-v2" in proc.stderr
+    proc = run_rag("stats", "--index", tmp_path / "nowhere", "--json")
+    assert proc.returncode == 1 and proc.stdout == "" and "no index at" in proc.stderr
+
+
+def write_beir(root: Path) -> None:
+    (root / "qrels").mkdir(parents=True)
+    corpus = [
+        {"_id": f"d{i}", "title": Path(name).stem.title(), "text": text}
+        for i, (name, text) in enumerate(DOCS.items())
+    ]
+    corpus.append(
+        {"_id": "d9", "title": "Bees", "text": "Honey bees dance to tell the hive where flowers are."}
+    )
+    (root / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus))
+    queries = {"q1": "where is Mount Etna", "q2": "how is black tea oxidised", "q3": "why do bees dance"}
+    (root / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in queries.items())
+    )
+    (root / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td0\t1\nq2\td1\t1\nq3\td9\t1\n")
+
+
+def test_eval_retrieval_on_tiny_beir(tmp_path):
+    write_beir(tmp_path / "beir")
+    args = ("eval", "retrieval", "--beir", tmp_path / "beir", "--split", "dev", "--index", tmp_path / "idx")
+    result = rag_json(*args)
+    for mode in ("dense", "bm25", "hybrid"):
+        assert set(result[mode]) == {"ndcg@10", "recall@100", "mrr@10"}
+        assert result[mode]["recall@100"] == 1.0  # every doc is retrieved from a 4-doc corpus
+        assert result[mode]["mrr@10"] == pytest.approx(1.0)  # and these queries are easy
+    assert result["queries"] == 3 and result["documents"] == 4
+    assert result["ingest"]["ingested"] == 4
+    again = rag_json(*args, "--limit-queries", "2")
+    assert again["queries"] == 2 and again["ingest"]["unchanged"] == 4
+    table = rag(*args).stdout
+    assert "hybrid" in table and "nDCG@10" in table
+    bad = rag(
+        "eval", "retrieval", "--beir", tmp_path / "beir", "--split", "nope", "--index", tmp_path / "idx"
+    )
+    assert bad.exit_code == 1 and "qrels not found" in bad.stderr
