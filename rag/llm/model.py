@@ -24,6 +24,11 @@ from rag.llm.masks import WINDOWS, attention_mask, row_positions
 IGNORE_INDEX = -100
 
 
+def eager() -> bool:
+    """Value checks read tensors back (a device sync, a torch.compile graph break): eager mode only."""
+    return not torch.compiler.is_compiling()
+
+
 @dataclass
 class ModelConfig:
     """Architecture hyper-parameters; every combination is validated in __post_init__.
@@ -59,7 +64,12 @@ class ModelConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        self.global_positions = tuple(int(p) for p in self.global_positions)
+        if isinstance(self.global_positions, list):  # from JSON
+            self.global_positions = tuple(self.global_positions)
+        for f in fields(self):
+            value, kind = getattr(self, f.name), FIELD_TYPES[f.type]
+            if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+                raise ValueError(f"ModelConfig.{f.name} must be {f.type}, got {value!r}")
         for name, choices in (
             ("pos", POSITIONS),
             ("norm", NORMS),
@@ -101,9 +111,8 @@ class ModelConfig:
             raise ValueError("window='global' needs global_positions (e.g. (0,) for the first token)")
         if self.window != "global" and self.global_positions:
             raise ValueError(f"global_positions are only used with window='global', not {self.window!r}")
-        if any(p < 0 for p in self.global_positions) or len(set(self.global_positions)) != len(
-            self.global_positions
-        ):
+        gp = self.global_positions
+        if not all(isinstance(p, int) and p >= 0 for p in gp) or len(set(gp)) != len(gp):
             raise ValueError(f"global_positions must be distinct and >= 0, got {self.global_positions}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
@@ -113,7 +122,7 @@ class ModelConfig:
         return self.d_model // self.n_head
 
     def hidden_dim(self, kind: str) -> int:
-        """FFN width for an MLP of `kind`; SwiGLU's 8/3 keeps its 3 matrices at the cost of a 4x MLP."""
+        """FFN width for an MLP of `kind`; SwiGLU's 8/3 gives its 3 matrices a 4x MLP's parameters."""
         if self.ffn_hidden is not None:
             return self.ffn_hidden
         if kind == "swiglu":
@@ -139,6 +148,16 @@ class ModelConfig:
             raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
         return cls(**PRESETS[name])
 
+
+# Field annotation (a string, see `from __future__ import annotations`) -> accepted Python types.
+FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "int": int,
+    "str": str,
+    "bool": bool,
+    "float": (int, float),
+    "int | None": (int, type(None)),
+    "tuple[int, ...]": tuple,
+}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -188,7 +207,7 @@ class Learned(Positions):
         self.table = nn.Embedding(cfg.block_size, cfg.d_model)
 
     def embed(self, pos: Tensor) -> Tensor:
-        if int(pos.max()) >= self.cfg.block_size:
+        if eager() and int(pos.max()) >= self.cfg.block_size:
             raise ValueError(
                 f"position {int(pos.max())} is beyond block_size={self.cfg.block_size}, "
                 "the size of the learned position table"
@@ -262,18 +281,20 @@ class AttnContext:
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float, need_weights: bool):
     """SDPA (fused kernels) unless the weights are wanted, then the same math written out."""
-    if mask is not None and mask.dtype != torch.bool:
-        mask = mask.to(q.dtype)
-    if not need_weights:
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, enable_gqa=True
-        )
-        return y, None
+    if mask is None and not need_weights:  # plain causal: the flash kernel reads shared KV heads itself
+        return F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=True
+        ), None
+    # Masked kernels (memory-efficient) do not take enable_gqa: give each query head its KV head.
     group = q.size(1) // k.size(1)
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = (q @ k.transpose(-2, -1)).float() * q.size(-1) ** -0.5
     if mask is None:
-        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+        mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
+    elif mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
+    if not need_weights:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout), None
+    scores = (q @ k.transpose(-2, -1)).float() * q.size(-1) ** -0.5
     scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     weights = scores.softmax(dim=-1).to(q.dtype)
     return F.dropout(weights, dropout) @ v, weights
@@ -506,12 +527,13 @@ class GPT(nn.Module):
                 f"idx must be a non-empty (B, T) integer tensor, got {tuple(idx.shape)} {idx.dtype}"
             )
         V = self.config.vocab_size
-        if int(idx.min()) < 0 or int(idx.max()) >= V:
-            raise ValueError(f"token ids must be in [0, {V}), got [{int(idx.min())}, {int(idx.max())}]")
+        lo, hi = torch.stack([idx.min(), idx.max()]).tolist() if eager() else (0, 0)
+        if lo < 0 or hi >= V:
+            raise ValueError(f"token ids must be in [0, {V}), got [{lo}, {hi}]")
         if targets is not None:
             if targets.shape != idx.shape:
                 raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
-            if bool(((targets != IGNORE_INDEX) & ((targets < 0) | (targets >= V))).any()):
+            if eager() and bool(((targets != IGNORE_INDEX) & ((targets < 0) | (targets >= V))).any()):
                 raise ValueError(f"targets must be in [0, {V}) or {IGNORE_INDEX} (ignored)")
             if last_only:
                 raise ValueError("last_only computes one position's logits; it cannot be used with targets")

@@ -6,7 +6,16 @@ import pytest
 import torch
 
 from rag.llm.cache import KVCache
-from tests.llm.test_model import GRID, SEQ, config_id, left_pad, make_model, tiny, tokens
+from tests.llm.test_model import (
+    GRID,
+    SEQ,
+    config_id,
+    left_pad,
+    make_model,
+    single_thread,  # noqa: F401  (autouse fixture)
+    tiny,
+    tokens,
+)
 
 ATOL = 1e-4
 
