@@ -167,6 +167,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class ModelOutput:
+    """What GPT.forward returns; with a ring-buffer cache, attn's keys are in the cache's slot order."""
+
     logits: Tensor  # (B, T, vocab), or (B, 1, vocab) with last_only
     loss: Tensor | None  # ce_loss + moe_aux_weight * aux_loss; None without targets
     ce_loss: Tensor | None
@@ -429,6 +431,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """Token embedding (+ input positions), n_layer pre-norm blocks, final norm, LM head (tied by default)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
