@@ -35,7 +35,13 @@ class Settings(BaseSettings):
     chunk_overlap: int = Field(40, ge=0, description="Overlap between neighbouring chunks, in tokens.")
     max_file_mb: float = Field(50.0, gt=0, description="Files larger than this are skipped.")
     data_dir: Path = Field(Path("../shared/data"), description="Public data for training and evaluation.")
-    api_key: str | None = Field(None, description="Required by admin API endpoints when set.")
+    api_key: str | None = Field(
+        None, description="Key for the admin API endpoints (X-API-Key header); unset = admin endpoints off."
+    )
+    ingest_roots: list[Path] = Field(
+        default_factory=lambda: [Path("docs")],
+        description="Folders the API may ingest from (paths outside them are refused).",
+    )
     model_dir: Path = Field(Path("models/reader"), description="Checkpoint of our own decoder LLM.")
 
     @property

@@ -1,0 +1,170 @@
+"""The REST API over a real uvicorn server, a real index and the real embedding model."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from rag.config import Settings
+from rag.ingest.job import ingest
+
+KEY = "test-key-123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "docs").mkdir()
+    (root / "docs" / "zebra.md").write_text(
+        "# Zebras\n\nZebras are African equines with distinctive black-and-white striped coats.\n"
+    )
+    (root / "docs" / "faiss.txt").write_text("FAISS is a library for similarity search of vectors.\n")
+    (root / "outside").mkdir()
+    (root / "outside" / "secret.txt").write_text("This file lies outside the allowed ingest roots.\n")
+    ingest([root / "docs"], Settings(index_dir=root / "index"))
+    return root
+
+
+def start_server(root: Path, index: Path, api_key: str | None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "RAG_INDEX_DIR": str(index), "RAG_INGEST_ROOTS": f'["{root / "docs"}"]'}
+    env.pop("RAG_API_KEY", None)
+    if api_key:
+        env["RAG_API_KEY"] = api_key
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "app.api:app", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start within 60 s")
+
+
+@pytest.fixture(scope="module")
+def server(corpus):
+    proc, url = start_server(corpus, corpus / "index", KEY)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_search_returns_citable_hits(server):
+    r = httpx.post(f"{server}/v1/search", json={"query": "striped African equines", "k": 2}, timeout=60)
+    assert r.status_code == 200
+    results = r.json()["results"]
+    assert results[0]["path"].endswith("zebra.md")
+    hit = results[0]
+    assert hit["page"] == 1 and hit["end"] > hit["start"] >= 0
+    assert "striped" in hit["text"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"query": ""},
+        {"query": "   "},
+        {"query": "x" * 2001},
+        {"query": "zebra", "k": 0},
+        {"query": "zebra", "k": 1000},
+        {"query": "zebra", "k": "many"},
+        {"query": "zebra", "mode": "telepathy"},
+        {"query": "zebra", "mmr_lambda": 2},
+        {"k": 3},
+    ],
+)
+def test_invalid_search_input_is_4xx(server, body):
+    r = httpx.post(f"{server}/v1/search", json=body, timeout=30)
+    assert r.status_code == 422, r.text
+
+
+def test_non_json_body_is_4xx(server):
+    r = httpx.post(f"{server}/v1/search", content=b"\xff\xfe not json", timeout=30)
+    assert r.status_code == 422
+
+
+def test_documents_and_stats(server):
+    docs = httpx.get(f"{server}/v1/documents", timeout=30).json()
+    assert sorted(Path(d["path"]).name for d in docs) == ["faiss.txt", "zebra.md"]
+    stats = httpx.get(f"{server}/v1/stats", timeout=30).json()
+    assert stats["documents"] == 2
+
+
+def test_admin_endpoints_need_the_key(server, corpus):
+    body = {"paths": [str(corpus / "docs")]}
+    assert httpx.post(f"{server}/v1/ingest", json=body, timeout=30).status_code == 401
+    wrong = {"X-API-Key": "nope"}
+    assert httpx.post(f"{server}/v1/ingest", json=body, headers=wrong, timeout=30).status_code == 401
+    assert httpx.delete(f"{server}/v1/documents/1", timeout=30).status_code == 401
+
+
+def test_ingest_path_validation(server, corpus):
+    h = {"X-API-Key": KEY}
+    outside = {"paths": [str(corpus / "outside")]}
+    assert httpx.post(f"{server}/v1/ingest", json=outside, headers=h, timeout=30).status_code == 403
+    escape = {"paths": [str(corpus / "docs" / ".." / "outside")]}
+    assert httpx.post(f"{server}/v1/ingest", json=escape, headers=h, timeout=30).status_code == 403
+    missing = {"paths": [str(corpus / "docs" / "nope.txt")]}
+    assert httpx.post(f"{server}/v1/ingest", json=missing, headers=h, timeout=30).status_code == 404
+    assert httpx.post(f"{server}/v1/ingest", json={"paths": []}, headers=h, timeout=30).status_code == 422
+    assert httpx.post(f"{server}/v1/ingest", json={"paths": "docs"}, headers=h, timeout=30).status_code == 422
+
+
+def test_ingest_then_search_then_delete(server, corpus):
+    h = {"X-API-Key": KEY}
+    new = corpus / "docs" / "okapi.txt"
+    new.write_text("The okapi is a giraffid from the Congo with zebra-like stripes on its legs.\n")
+    report = httpx.post(f"{server}/v1/ingest", json={"paths": [str(corpus / "docs")]}, headers=h, timeout=300)
+    assert report.status_code == 200, report.text
+    assert report.json()["ingested"] == 1 and report.json()["unchanged"] == 2
+
+    r = httpx.post(f"{server}/v1/search", json={"query": "okapi Congo", "mode": "bm25", "k": 1}, timeout=30)
+    okapi = r.json()["results"][0]
+    assert okapi["path"].endswith("okapi.txt")
+
+    assert httpx.delete(f"{server}/v1/documents/999999", headers=h, timeout=30).status_code == 404
+    assert httpx.delete(f"{server}/v1/documents/abc", headers=h, timeout=30).status_code == 422
+    assert httpx.delete(f"{server}/v1/documents/{okapi['doc_id']}", headers=h, timeout=30).status_code == 200
+    r = httpx.post(f"{server}/v1/search", json={"query": "okapi Congo", "mode": "bm25", "k": 5}, timeout=30)
+    assert all(not hit["path"].endswith("okapi.txt") for hit in r.json()["results"])
+
+
+def test_missing_index_and_disabled_admin(tmp_path, corpus):
+    proc, url = start_server(corpus, tmp_path / "no-index", api_key=None)
+    try:
+        r = httpx.post(f"{url}/v1/search", json={"query": "zebra"}, timeout=30)
+        assert r.status_code == 503 and "rag ingest" in r.json()["detail"]
+        r = httpx.post(f"{url}/v1/ingest", json={"paths": ["docs"]}, headers={"X-API-Key": "x"}, timeout=30)
+        assert r.status_code == 403 and "RAG_API_KEY" in r.json()["detail"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_openapi_docs_are_served(server):
+    spec = httpx.get(f"{server}/openapi.json", timeout=30).json()
+    assert {"/v1/search", "/v1/ingest", "/v1/documents"} <= set(spec["paths"])
