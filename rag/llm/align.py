@@ -152,6 +152,8 @@ class SFTTask:
 class DPOTask:
     """Direct preference optimisation against a frozen reference copy of the starting model."""
 
+    perplexity = False  # the DPO loss is not a cross-entropy
+
     def __init__(
         self,
         rows: dict[str, list[dict]],

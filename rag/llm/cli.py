@@ -9,7 +9,7 @@ tokenizes it and pretrains the tiny model on CPU in a few minutes.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+import os
 from functools import wraps
 from pathlib import Path
 from typing import Annotated
@@ -87,7 +87,9 @@ def _config(preset: str, sets: list[str] | None, **given):
     return TrainConfig.from_dict({**values, "model_overrides": overrides})
 
 
-def _report(result, out_dir: Path) -> None:
+def _report(result, out_dir) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 speaks
+        return
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
     console.print(
         f"step {result.step}: train loss {result.train_loss:.4f}, val loss {val}; checkpoint in {out_dir}"
@@ -138,12 +140,12 @@ def prepare(
     console.print(f"{out}: {meta['n_tokens']['train']:,} train / {meta['n_tokens']['val']:,} val tokens")
 
 
-def _ensure_data(corpus: str, vocab_size: int) -> Path:
-    """.data/<corpus>-v<vocab>: made on first use (tokenizer trained on the corpus, then tokenized)."""
+def _ensure_data(corpus: str, vocab_size: int, prepare: bool) -> Path:
+    """.data/<corpus>-v<vocab>, made on first use if `prepare` (a tokenizer trained on it, then tokenized)."""
     from rag.llm.tokenizer import train_tokenizer
 
     data_dir = Path(".data") / f"{Path(corpus).name.split('.')[0]}-v{vocab_size}"
-    if not (data_dir / "meta.json").is_file():
+    if prepare and not (data_dir / "meta.json").is_file():
         train, val, share = resolve_corpus(corpus)
         console.print(f"preparing {data_dir} (tokenizer with {vocab_size} tokens on {corpus}) ...")
         tok = train_tokenizer(
@@ -175,15 +177,21 @@ def lm(
     sets: Sets = None,
 ) -> None:
     """Pretrain the decoder LM from scratch (DDP under torchrun)."""
-    from rag.llm.train import train_lm
+    import torch.distributed as dist
 
-    if data is None:
-        corpus = corpus or ("tinyshakespeare" if preset == "tiny" else "gutenberg")
-        data = _ensure_data(corpus, vocab_size or (2048 if preset == "tiny" else 8192))
-    out = out or Path("runs") / f"lm-{preset}"
+    from rag.llm.train import setup_runtime, train_lm
+
     given = dict(max_steps=max_steps, max_tokens=max_tokens, batch_size=batch_size, lr=lr, resume=resume)
-    cfg = _config(preset, sets, data_dir=str(data), out_dir=str(out), device=device, **given)
-    _report(train_lm(cfg), out)
+    out = out or Path("runs") / f"lm-{preset}"
+    cfg = _config(preset, sets, data_dir=data and str(data), out_dir=str(out), device=device, **given)
+    rt = setup_runtime(cfg.device)
+    if data is None and not any(s.startswith("data_dir=") for s in sets or []):
+        corpus = corpus or ("tinyshakespeare" if preset == "tiny" else "gutenberg")
+        vocab = vocab_size or (2048 if preset == "tiny" else 8192)
+        cfg.data_dir = str(_ensure_data(corpus, vocab, prepare=rt.main))  # rank 0 prepares, the rest wait
+        if rt.ddp:
+            dist.barrier()
+    _report(train_lm(cfg, rt), cfg.out_dir)
 
 
 def _align(
@@ -206,8 +214,7 @@ def _align(
         device=device,
         **extra,
     )
-    console.print(json.dumps({k: v for k, v in asdict(cfg).items() if k != "model_overrides"}))
-    _report((train_sft if kind == "sft" else train_dpo)(cfg), out)
+    _report((train_sft if kind == "sft" else train_dpo)(cfg), cfg.out_dir)
 
 
 Init = Annotated[Path, typer.Option("--init", help="Checkpoint to start from (e.g. runs/lm-default).")]

@@ -384,7 +384,8 @@ class Trainer:
                 totals[k] = totals.get(k, 0) + v / self.cfg.eval_iters
         self.model.train()
         out = {f"val_{k}": v for k, v in self._mean(totals).items()}
-        out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
+        if getattr(self.task, "perplexity", True):  # a cross-entropy loss (not DPO's)
+            out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
         return out
 
     def train_step(self) -> tuple[dict[str, torch.Tensor], float, int]:
@@ -453,7 +454,7 @@ class Trainer:
                 self.save()
                 if rt.main:
                     plot_loss_curve(log.rows, self.out_dir / CURVE_FILE)
-                    bar.write(f"step {self.step}: val loss {val_loss:.4f}, ppl {row['val_ppl']:.2f}")
+                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
                 window_start = time.perf_counter()  # eval and save time is not training throughput
         bar.close()
         return TrainResult(self.step, train_loss, val_loss, self.out_dir, log.rows)

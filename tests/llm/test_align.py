@@ -1,0 +1,151 @@
+"""SFT (loss on answer tokens only) and DPO (frozen reference, preference margin) on a toy set."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from rag.llm import checkpoint as ckpt
+from rag.llm.align import (
+    IGNORE,
+    DPOTask,
+    SFTTask,
+    collate,
+    encode_pair,
+    read_jsonl,
+    sequence_logprobs,
+    shift_and_mask,
+)
+from rag.llm.cli import app
+from rag.llm.model import GPT, ModelConfig
+from rag.llm.train import TrainConfig, run, setup_runtime
+from tests.llm.test_data import WORDS, one_thread, tokenizer  # noqa: F401  (fixtures)
+from tests.llm.test_train import TINY_MODEL
+
+ACTS = ["sings", "walks", "sleeps", "runs"]
+
+
+def toy_rows() -> list[dict]:
+    """Each subject has one right act (chosen) and a wrong one (rejected)."""
+    rows = []
+    for i, who in enumerate(WORDS[:12]):
+        prompt = f"<question> What does the {who} do?\n<answer>"
+        right, wrong = f" The {who} {ACTS[i % 4]}.", f" The {who} {ACTS[(i + 1) % 4]}."
+        rows.append({"prompt": prompt, "answer": right, "chosen": right, "rejected": wrong})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory, tokenizer):  # noqa: F811
+    """A randomly initialised tiny model saved as a checkpoint: SFT/DPO's init_from."""
+    path = tmp_path_factory.mktemp("init")
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_dict(
+        {**ModelConfig.preset("tiny").to_dict(), **TINY_MODEL, "block_size": 64, "vocab_size": 320}
+    )
+    ckpt.save_checkpoint(path, GPT(cfg), tokenizer)
+    return path
+
+
+@pytest.fixture(scope="module")
+def jsonl(tmp_path_factory):
+    path = tmp_path_factory.mktemp("jsonl") / "toy.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in toy_rows()))
+    return path
+
+
+def answer_loss(model, tokenizer, rows) -> float:  # noqa: F811
+    task = SFTTask({"all": rows}, tokenizer, max_len=64)
+    assert task.size("all") == len(rows)
+    with torch.no_grad():
+        return task.loss(model.eval(), task.batch("all", np.arange(len(rows)), torch.device("cpu")))[0].item()
+
+
+def test_sft_targets_cover_answer_tokens_only(tokenizer, start):  # noqa: F811
+    row = toy_rows()[0]
+    prompt, answer = encode_pair(tokenizer, row["prompt"], row["answer"])
+    assert prompt[0] == tokenizer.bos_id and answer[-1] == tokenizer.eos_id
+    assert tokenizer.token_id("<answer>") in prompt  # the marker is the special token, not its characters
+    short = encode_pair(tokenizer, "<question> Who?\n<answer>", " The king.")
+    x, y = collate([(prompt, answer), short], tokenizer.pad_id)
+    assert y[0][y[0] != IGNORE].tolist() == answer  # exactly the answer (with EOS) is supervised
+    assert (y[0, : len(prompt) - 1] == IGNORE).all()
+    n_short = len(short[0]) + len(short[1]) - 1
+    assert (x[1, n_short:] == tokenizer.pad_id).all() and (y[1, n_short:] == IGNORE).all()  # padding ignored
+
+    # The gradient reaches no prompt or padding position: prompt targets cannot change the loss.
+    model, _ = ckpt.load_checkpoint(start)
+    logits = model(x).logits.detach().requires_grad_(True)
+    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+    loss.backward()
+    touched = logits.grad.abs().sum(-1) > 0
+    assert torch.equal(touched, y != IGNORE)
+    assert model(x, targets=y).loss.item() == pytest.approx(loss.item(), rel=1e-5)  # the model agrees
+    # Whatever the prompt's tokens would have been as targets, the masked targets are the same.
+    other_prompt = [prompt[0], *np.random.default_rng(0).integers(10, 300, len(prompt) - 1).tolist()]
+    assert shift_and_mask(other_prompt, answer)[1] == shift_and_mask(prompt, answer)[1]
+
+
+def test_sft_lowers_answer_loss(tmp_path, tokenizer, start, jsonl):  # noqa: F811
+    rows = toy_rows()
+    before = answer_loss(ckpt.load_checkpoint(start)[0], tokenizer, rows)
+    out = tmp_path / "sft"
+    args = ["sft", "--data", str(jsonl), "--init", str(start), "--out", str(out), "--max-steps", "60",
+            "--batch-size", "8", "--lr", "1e-2", "--device", "cpu", "--set", "warmup_steps=5",
+            "--set", "eval_interval=60", "--set", "eval_iters=1", "--set", "progress=false"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    after = answer_loss(ckpt.load_checkpoint(out)[0], tokenizer, rows)
+    assert after < 0.5 * before, (before, after)
+
+
+def test_dpo_raises_margin_and_keeps_reference_frozen(tmp_path, tokenizer, start):  # noqa: F811
+    rows = toy_rows()
+    model, _ = ckpt.load_checkpoint(start)
+    reference = copy.deepcopy(model)
+    frozen = {k: v.clone() for k, v in reference.state_dict().items()}
+    tasks = []
+
+    def make_task(block):
+        tasks.append(DPOTask({"train": rows, "val": rows[:4]}, tokenizer, block, reference, beta=0.1))
+        return tasks[0]
+
+    def margins(policy) -> torch.Tensor:
+        """log p(chosen) - log p(rejected) per row."""
+        x, y = tasks[0].batch("train", np.arange(len(rows)), torch.device("cpu"))
+        with torch.no_grad():
+            logp = sequence_logprobs(policy.eval()(x).logits, y)
+        return logp[: len(rows)] - logp[len(rows) :]
+
+    cfg = TrainConfig(out_dir=str(tmp_path / "dpo"), batch_size=6, lr=3e-3, warmup_steps=2, max_steps=25,
+                      eval_interval=25, eval_iters=1, progress=False, device="cpu", beta=0.1)  # fmt: skip
+    result = run(cfg, model, make_task, setup_runtime("cpu"))
+    gain = margins(model) - margins(reference)  # the implicit DPO reward, / beta
+    assert gain.mean() > 0.5 and (gain > 0).float().mean() >= 0.75, gain
+    assert result.history[-1]["val_reward_acc"] > 0.5
+    assert all(torch.equal(v, frozen[k]) for k, v in reference.state_dict().items())
+    assert all(not p.requires_grad and p.grad is None for p in reference.parameters())
+    assert not reference.training
+
+
+def test_dpo_cli_and_bad_jsonl(tmp_path, start):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in toy_rows()))
+    out = tmp_path / "dpo"
+    args = ["dpo", "--data", str(data), "--init", str(start), "--out", str(out), "--max-steps", "2",
+            "--device", "cpu", "--set", "eval_iters=1", "--set", "progress=false"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert ckpt.load_train_state(out)["step"] == 2
+
+    data.write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n{"prompt": "p", "chosen": "c"}\n')
+    with pytest.raises(ValueError, match=r"pairs.jsonl:2: .*rejected"):
+        read_jsonl(data, ("prompt", "chosen", "rejected"))
+    bad = CliRunner().invoke(app, [*args[:7], "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 1 and "pairs.jsonl:2" in bad.output
