@@ -1,0 +1,288 @@
+"""Text generation: prefill the prompt once, then decode one token per step from the KV cache.
+
+An engine kept apart from the model (as in gpt-fast): the model only maps tokens to logits, this
+module owns sampling, stopping and detokenization. Per step the Python work is O(batch + length of
+the stop strings), never O(context): one forward of the new tokens, one sampling call, one
+device->host copy of the sampled ids, and an incremental UTF-8 decode of their bytes.
+
+Batches are left-padded; the model counts positions per row, so each row generates exactly what
+it would alone, and stops on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rag.llm.cache import KVCache
+from rag.llm.model import GPT
+from rag.llm.tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy (argmax); top_k / top_p then do nothing
+    top_k: int | None = None  # sample among the k most likely tokens
+    top_p: float | None = None  # nucleus: the smallest set of tokens with probability >= top_p
+    stop_token_ids: Sequence[int] = ()  # EOS is added unless stop_at_eos=False
+    stop_strings: Sequence[str] = ()  # the text is cut before the first one that appears
+    seed: int | None = None  # same seed -> same output; None -> a fresh random seed per call
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p}")
+        if isinstance(self.stop_strings, str):  # a bare string would be read as one stop per character
+            self.stop_strings = (self.stop_strings,)
+        if any(not s for s in self.stop_strings):
+            raise ValueError("stop_strings must be non-empty strings")
+
+
+@dataclass
+class GenerationResult:
+    text: str  # special tokens left out, cut before a stop string
+    token_ids: list[int]  # the new tokens, without the stop token that ended generation
+    finish_reason: str  # "stop" (stop token or string) | "length" (max_new_tokens or the context)
+    prompt_tokens: int = 0
+
+
+def sample(
+    logits: Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Next token per row from logits (B, V): argmax at temperature 0, else top-k/top-p sampling."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens before it already reach top_p (the first is always kept)
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def context_limit(model: GPT) -> int | None:
+    """Most positions a sequence may use, or None when a windowed model can go on indefinitely.
+
+    Full attention is trained on block_size positions and is not extrapolated past them; a window
+    only ever sees window_size keys (the cache is a ring buffer), unless a learned position table
+    caps the positions themselves.
+    """
+    cfg = model.config
+    if cfg.window != "full" and cfg.pos != "learned":
+        return None
+    return cfg.block_size
+
+
+class Completion:
+    """One sequence being generated: its ids, its final text so far, stop tokens and stop strings.
+
+    Text that could be the start of a stop string is held back until it cannot be, so a streamed
+    piece is never retracted.
+    """
+
+    def __init__(
+        self,
+        decoder: StreamDecoder,
+        stop_ids: frozenset[int],
+        stops: Sequence[str],
+        budget: int,
+        prompt_len: int,
+    ):
+        self.decoder, self.stop_ids, self.stops, self.budget = decoder, stop_ids, tuple(stops), budget
+        self.prompt_len = prompt_len
+        self.prefixes = {s[:k] for s in self.stops for k in range(1, len(s))}  # proper prefixes
+        self.ids: list[int] = []
+        self.pieces: list[str] = []  # emitted text
+        self.pending = ""  # decoded text held back: it may be the start of a stop string
+        self.finish_reason: str | None = None if budget > 0 else "length"
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def push(self, token_id: int) -> str:
+        """Take the next token; return the text that is now final (possibly "")."""
+        if token_id in self.stop_ids:
+            return self._end("stop")
+        self.ids.append(token_id)
+        piece = self._add(self.decoder.push(token_id))
+        if not self.done and len(self.ids) >= self.budget:
+            piece += self._end("length")
+        return piece
+
+    def _end(self, reason: str) -> str:
+        piece = self._add(self.decoder.flush())  # the flushed tail may still complete a stop string
+        if not self.done:
+            self.finish_reason = reason
+            piece += self._emit(self.pending)  # nothing more can complete a stop string
+            self.pending = ""
+        return piece
+
+    def _add(self, new: str) -> str:
+        """Append decoded text; cut at a stop string, else emit all but a possible stop prefix.
+
+        `pending` holds no complete stop string, so any match in it + new is a new one, and the
+        work is bounded by the stop strings' length, not by the text generated so far.
+        """
+        if self.done or not new:
+            return ""
+        buf = self.pending + new
+        if not self.stops:
+            return self._emit(buf)
+        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.pending = ""
+            self.finish_reason = "stop"
+            return self._emit(buf[:cut])
+        keep = max((len(p) for p in self.prefixes if buf.endswith(p)), default=0)
+        self.pending = buf[len(buf) - keep :]
+        return self._emit(buf[: len(buf) - keep])
+
+    def _emit(self, text: str) -> str:
+        if text:
+            self.pieces.append(text)
+        return text
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            "".join(self.pieces), self.ids, self.finish_reason or "length", self.prompt_len
+        )
+
+
+def _prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int], vocab: int) -> list[int]:
+    """Strings start a document (BOS first, their text never parsed for specials); ids are used as given."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt, add_bos=True)
+    ids = prompt.tolist() if isinstance(prompt, Tensor) else [int(i) for i in prompt]
+    if not ids:
+        raise ValueError("empty prompt: give at least one token id (e.g. the BOS id)")
+    if min(ids) < 0 or max(ids) >= vocab:
+        raise ValueError(f"prompt token ids must be in [0, {vocab}), got [{min(ids)}, {max(ids)}]")
+    return ids
+
+
+@torch.inference_mode()
+def _step(
+    model: GPT,
+    idx: Tensor,
+    cache: KVCache,
+    pad_mask: Tensor | None,
+    config: GenerationConfig,
+    gen,
+    vocab: int,
+) -> Tensor:
+    """Feed idx (B, T) through the cache and sample the next token of every row."""
+    logits = model(idx, cache=cache, pad_mask=pad_mask, last_only=True).logits[:, -1, :vocab]
+    # (the model may pad its vocabulary; only the tokenizer's ids can be decoded)
+    return sample(logits, config.temperature, config.top_k, config.top_p, gen)
+
+
+def _run(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    config: GenerationConfig,
+    rows: list[Completion],
+) -> Iterator[tuple[int, str]]:
+    """The engine: yields (row, text piece) as text becomes final; appends one Completion per prompt to rows."""
+    ids = [_prompt_ids(tokenizer, p, model.config.vocab_size) for p in prompts]
+    lens = [len(p) for p in ids]
+    limit = context_limit(model)
+    if limit is not None and max(lens, default=0) > limit:
+        raise ValueError(
+            f"prompt of {max(lens)} tokens exceeds the model's context of {limit} tokens; shorten it"
+        )
+    # The last sampled token is never fed back, so a row may end one token past the context.
+    new = config.max_new_tokens
+    budgets = [new if limit is None else min(new, limit - n + 1) for n in lens]
+    stop_ids = frozenset(config.stop_token_ids) | frozenset([tokenizer.eos_id] * config.stop_at_eos)
+    rows += [
+        Completion(tokenizer.stream_decoder(), stop_ids, config.stop_strings, b, n)
+        for b, n in zip(budgets, lens, strict=True)
+    ]
+    if all(r.done for r in rows):
+        return
+
+    device = model.tok_emb.weight.device
+    B, T = len(ids), max(lens)
+    idx = torch.full((B, T), tokenizer.pad_id, dtype=torch.long)
+    for i, p in enumerate(ids):
+        idx[i, T - len(p) :] = torch.tensor(p)
+    left_pad = torch.arange(T)[None] < T - torch.tensor(lens)[:, None]
+    pad_mask = (~left_pad).to(device) if bool(left_pad.any()) else None
+    gen = torch.Generator(device=device)
+    if config.seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(config.seed)
+    vocab = min(tokenizer.vocab_size, model.config.vocab_size)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            cache = model.new_cache(B, T + max(budgets) - 1)
+        next_ids = _step(model, idx.to(device), cache, pad_mask, config, gen, vocab)
+        active = None  # (B, 1) bool once a row is done: finished rows are fed as padding
+        while True:
+            for i, token in enumerate(next_ids.tolist()):
+                row = rows[i]
+                if row.done:
+                    continue
+                if piece := row.push(token):
+                    yield i, piece
+                if row.done:
+                    active = torch.tensor([[not r.done] for r in rows], device=device)
+            if all(r.done for r in rows):
+                return
+            next_ids = _step(model, next_ids[:, None], cache, active, config, gen, vocab)
+    finally:
+        model.train(was_training)
+
+
+def generate(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    config: GenerationConfig | None = None,
+) -> list[GenerationResult]:
+    """Complete each prompt (text, or token ids used as given); one batched pass, rows stop independently."""
+    config = config or GenerationConfig()
+    if isinstance(prompts, str):
+        raise TypeError("generate takes a list of prompts; use [prompt] for one")
+    rows: list[Completion] = []
+    for _ in _run(model, tokenizer, prompts, config, rows):
+        pass
+    return [row.result() for row in rows]
+
+
+def stream(
+    model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[int], config: GenerationConfig | None = None
+) -> Iterator[str]:
+    """Yield text pieces as they become final: never half a character, never part of a stop string.
+
+    The pieces concatenate to `generate(...)[0].text` for the same arguments (and seed).
+    """
+    rows: list[Completion] = []
+    for _, piece in _run(model, tokenizer, [prompt], config or GenerationConfig(), rows):
+        yield piece
