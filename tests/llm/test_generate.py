@@ -38,15 +38,6 @@ PROMPTS = ["ROMEO:", "First Citizen:\nBefore we proceed any further, hear me spe
 GREEDY = GenerationConfig(max_new_tokens=24, stop_at_eos=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Ops on tiny models are too small to split: extra threads only spin on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok(shared_data: Path) -> Tokenizer:
     text = (shared_data / "lm" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:200_000]
