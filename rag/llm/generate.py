@@ -11,7 +11,7 @@ it would alone, and stops on its own.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -204,7 +204,7 @@ def _run(
     config: GenerationConfig,
     rows: list[Completion],
 ) -> Iterator[tuple[int, str]]:
-    """The engine: yields (row, text piece) as text becomes final; appends one Completion per prompt to rows."""
+    """The engine: yields (row, text piece) as text becomes final; appends a Completion per prompt to rows."""
     ids = [_prompt_ids(tokenizer, p, model.config.vocab_size) for p in prompts]
     lens = [len(p) for p in ids]
     limit = context_limit(model)
@@ -278,11 +278,13 @@ def generate(
 
 def stream(
     model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[int], config: GenerationConfig | None = None
-) -> Iterator[str]:
+) -> Generator[str, None, GenerationResult]:
     """Yield text pieces as they become final: never half a character, never part of a stop string.
 
-    The pieces concatenate to `generate(...)[0].text` for the same arguments (and seed).
+    The pieces concatenate to `generate(...)[0].text` for the same arguments (and seed). The full
+    result (ids, finish_reason) is the generator's return value: `result = yield from stream(...)`.
     """
     rows: list[Completion] = []
     for _, piece in _run(model, tokenizer, [prompt], config or GenerationConfig(), rows):
         yield piece
+    return rows[0].result()

@@ -66,8 +66,16 @@ def naive_greedy(model: GPT, ids: list[int], n: int) -> list[int]:
 
 
 def joined_stream(model: GPT, tok: Tokenizer, prompt, config: GenerationConfig) -> str:
-    pieces = list(stream(model, tok, prompt, config))
+    pieces = []
+    it = stream(model, tok, prompt, config)
+    while True:
+        try:
+            pieces.append(next(it))
+        except StopIteration as end:
+            result = end.value  # the generator returns the full result
+            break
     assert all(pieces), "stream yields only non-empty pieces"
+    assert result == generate(model, tok, [prompt], config)[0]
     return "".join(pieces)
 
 
