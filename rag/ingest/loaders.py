@@ -92,8 +92,8 @@ def read_text_file(path: Path | str) -> str:
     return decode_text(Path(path).read_bytes())
 
 
-def _first_heading(text: str) -> str | None:
-    """First Markdown '# ' heading or reST over/underlined title, skipping fenced code blocks."""
+def _first_heading(text: str, underline: str) -> str | None:
+    """First '# ' heading or line underlined with one of `underline` (setext/reST), outside code fences."""
     lines = text.splitlines()
     in_fence = False
     for i, line in enumerate(lines):
@@ -106,20 +106,26 @@ def _first_heading(text: str) -> str | None:
         if m := re.match(r"#\s+(.+?)(?:\s+#+)?\s*$", line):
             return m.group(1).strip()
         nxt = lines[i + 1].strip() if i + 1 < len(lines) else ""
-        if stripped and re.fullmatch(r"([=\-~^*#+])\1{2,}", nxt) and len(nxt) >= len(stripped):
+        underlined = re.fullmatch(f"([{re.escape(underline)}])\\1{{2,}}", nxt)
+        if stripped and underlined and len(nxt) >= len(stripped):
             return stripped
     return None
 
 
+_UNDERLINES = {".md": "=", ".rst": "=-~^*#+"}  # Markdown: only '===' marks a level-1 heading; .txt: none
+
+
 def _load_text(data: bytes, path: Path) -> tuple[str, list[str]]:
     text = decode_text(data)
-    title = _first_heading(text) if path.suffix.lower() in {".md", ".rst"} else None
+    underline = _UNDERLINES.get(path.suffix.lower())
+    title = _first_heading(text, underline) if underline else None
     return title or path.stem, [text]
 
 
 # ---------------------------------------------------------------------------------------------- html
 
-_DROP_TAGS = ("script", "style", "nav", "header", "footer", "noscript", "template", "head", "svg", "iframe")
+# Not <head> itself: html.parser nests <body> inside an unclosed <head>; <title> is kept apart as the title.
+_DROP_TAGS = ("script", "style", "nav", "header", "footer", "noscript", "template", "title", "svg", "iframe")
 _LINE_TAGS = frozenset({"br", "li", "tr", "dt", "dd", "option"})
 # fmt: off
 _BLOCK_TAGS = frozenset({
@@ -245,9 +251,9 @@ _LOADERS: dict[str, Callable[[bytes, Path], tuple[str, list[str]]]] = {
 def load_document(path: Path | str, max_bytes: int) -> Document:
     """Load a supported file into a Document; raises `SkipFile` (and only that) with the reason.
 
-    PDFs give one Page per PDF page (numbered from 1, pages without text kept as ''), every other
-    format exactly one Page(number=1). The size is checked before reading, so a huge file costs
-    nothing.
+    PDFs give one Page per PDF page (numbered from 1; pages without text are kept so numbers match
+    the PDF), every other format exactly one Page(number=1). The size is checked before reading,
+    so a huge file costs nothing.
     """
     path = Path(path)
     suffix = path.suffix.lower()

@@ -79,8 +79,10 @@ def test_markdown_title_is_first_h1_outside_code_fences(tmp_path):
     assert load(write(tmp_path, "doc.md", text)).title == "The Real Title"
 
 
-def test_rst_title_is_underlined_heading(tmp_path):
-    assert load(write(tmp_path, "guide.rst", "User Guide\n==========\n\nText.")).title == "User Guide"
+def test_underlined_titles_in_rst_and_markdown(tmp_path):
+    assert load(write(tmp_path, "guide.rst", "User Guide\n----------\n\nText.")).title == "User Guide"
+    assert load(write(tmp_path, "setext.md", "Big Title\n=========\n\nText.")).title == "Big Title"
+    assert load(write(tmp_path, "h2-only.md", "Section\n-------\n\nText.")).title == "h2-only"
 
 
 @pytest.mark.parametrize("name", ["plain.txt", "untitled.md"])
@@ -157,6 +159,11 @@ def test_html_title_falls_back_to_h1_then_stem(tmp_path):
         == "Heading One"
     )
     assert load(write(tmp_path, "plain-page.html", "<p>only text</p>")).title == "plain-page"
+
+
+def test_html_with_unclosed_head_keeps_body_text(tmp_path):
+    doc = load(write(tmp_path, "sloppy.html", "<html><head><title>T</title><body><p>hello there</p></body>"))
+    assert (doc.title, doc.pages[0].text) == ("T", "hello there")
 
 
 def test_html_without_visible_text_is_skipped(tmp_path):
