@@ -68,6 +68,15 @@ class ModelMismatch(StoreError):
     """The index was built with another embedding model: its vectors are not comparable."""
 
 
+@dataclass(frozen=True)
+class FileMeta:
+    """What the ingest job knows of a file on disk; sha256 tells unchanged files from changed ones."""
+
+    sha256: str | None = None
+    size: int | None = None
+    mtime: float | None = None
+
+
 @dataclass
 class DocRecord:
     id: int
@@ -83,6 +92,9 @@ class DocRecord:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def meta(self) -> FileMeta:
+        return FileMeta(self.sha256, self.size, self.mtime)
 
 
 def bm25_tokenize(text: str) -> list[str]:
@@ -411,14 +423,7 @@ class Store:
         return doc_id, removed
 
     def put_document(
-        self,
-        path: str,
-        *,
-        title: str,
-        sha256: str,
-        size: int,
-        mtime: float,
-        batches: Iterable[tuple[Sequence[Chunk], np.ndarray]],
+        self, path: str, *, title: str, meta: FileMeta, batches: Iterable[tuple[Sequence[Chunk], np.ndarray]]
     ) -> DocRecord:
         """Replace the document at `path` by the chunks in `batches`, in ONE transaction.
 
@@ -427,8 +432,8 @@ class Store:
         """
 
         def body() -> tuple[list[int], int]:
-            meta = {"title": title, "sha256": sha256, "size": size, "mtime": mtime}
-            doc_id, removed = self._upsert_document(path, {**meta, "status": "indexed", "error": None})
+            fields = {"title": title, **asdict(meta), "status": "indexed", "error": None}
+            doc_id, removed = self._upsert_document(path, fields)
             n = 0
             for chunks, vecs in batches:
                 vecs = np.asarray(vecs, dtype=np.float32)
@@ -451,30 +456,21 @@ class Store:
 
         return self._record(self._write(body))
 
-    def skip_document(
-        self,
-        path: str,
-        reason: str,
-        *,
-        sha256: str | None = None,
-        size: int | None = None,
-        mtime: float | None = None,
-    ) -> DocRecord:
+    def skip_document(self, path: str, reason: str, meta: FileMeta = FileMeta()) -> DocRecord:
         """Record that `path` could not be indexed and why; any older chunks of it are dropped."""
         old = self.find_document(path)
-        if old is not None and (old.status, old.error, old.sha256, old.size, old.mtime) == (
-            "skipped",
-            reason,
-            sha256,
-            size,
-            mtime,
-        ):
+        if old and (old.status, old.error) == ("skipped", reason) and old.meta() == meta:
             return old  # nothing new: no write, so readers need not refresh
 
         def body() -> tuple[list[int], int]:
-            title = Path(path).name
-            meta = {"title": title, "sha256": sha256, "size": size, "mtime": mtime, "n_chunks": 0}
-            doc_id, removed = self._upsert_document(path, {**meta, "status": "skipped", "error": reason})
+            fields = {
+                "title": Path(path).name,
+                **asdict(meta),
+                "n_chunks": 0,
+                "status": "skipped",
+                "error": reason,
+            }
+            doc_id, removed = self._upsert_document(path, fields)
             return removed, doc_id
 
         return self._record(self._write(body))
@@ -559,14 +555,20 @@ class Store:
         return [Hit(*rows[cid], score=score) for cid, score in scored if cid in rows]
 
     def vectors(self, chunk_ids: list[int]) -> np.ndarray:
-        """Stored vectors, shape (len(chunk_ids), dim), same order (for MMR)."""
-        with self._lock, self._txn(write=False):
-            blobs = dict(self._rows_by_id("SELECT id, vector FROM chunks WHERE id IN ({})", chunk_ids))
-        missing = [c for c in chunk_ids if c not in blobs]
-        if missing:
-            raise KeyError(f"chunk ids not in the index: {missing[:10]}")
-        out = np.frombuffer(b"".join(blobs[c] for c in chunk_ids), dtype="<f4")
-        return out.reshape(len(chunk_ids), self.dim).astype(np.float32)
+        """Vectors of chunks this Store can return from a search, shape (len, dim), same order (MMR).
+
+        Read from the in-memory FAISS, i.e. the same state the ids came from: a chunk that an
+        ingest in another process replaced meanwhile still has its vector here until `refresh()`.
+        """
+        out = np.empty((len(chunk_ids), self.dim), dtype=np.float32)
+        with self._lock:
+            self._apply_removals()
+            for row, cid in enumerate(chunk_ids):
+                try:
+                    out[row] = self._index.reconstruct(int(cid))
+                except RuntimeError:
+                    raise KeyError(f"chunk id {cid} is not in the index") from None
+        return out
 
     def stats(self) -> dict:
         with self._lock, self._txn(write=False):

@@ -10,7 +10,7 @@ import faiss
 import numpy as np
 import pytest
 
-from rag.store import DB_NAME, FAISS_NAME, ModelMismatch, Store, StoreError, bm25_tokenize
+from rag.store import DB_NAME, FAISS_NAME, FileMeta, ModelMismatch, Store, StoreError, bm25_tokenize
 from rag.types import Chunk
 
 DIM = 8
@@ -28,8 +28,8 @@ def put(store: Store, path: str, *texts: str, page: int = 1):
         chunks.append(Chunk(page, start, start + len(t), t))
         start += len(t) + 1
     vecs = unit(len(chunks))
-    rec = store.put_document(path, title=Path(path).stem, sha256=f"sha-{path}", size=1, mtime=1.0,
-                             batches=[(chunks, vecs)])  # fmt: skip
+    meta = FileMeta(f"sha-{path}", 1, 1.0)
+    rec = store.put_document(path, title=Path(path).stem, meta=meta, batches=[(chunks, vecs)])
     return rec, vecs
 
 
@@ -187,10 +187,10 @@ def test_failed_write_changes_nothing(store):
         raise RuntimeError("embedder died")
 
     with pytest.raises(RuntimeError, match="embedder died"):
-        store.put_document("/a", title="a", sha256="x", size=1, mtime=1.0, batches=broken())
+        store.put_document("/a", title="a", meta=FileMeta("x", 1, 1.0), batches=broken())
     with pytest.raises(StoreError, match="shape"):
         store.put_document(
-            "/a", title="a", sha256="x", size=1, mtime=1.0, batches=[([Chunk(1, 0, 1, "n")], unit(2))]
+            "/a", title="a", meta=FileMeta("x", 1, 1.0), batches=[([Chunk(1, 0, 1, "n")], unit(2))]
         )
     assert store.find_document("/a").sha256 == a.sha256
     assert [h.text for h in store.hits(store.bm25_search("original", 5))] == ["original text"]
@@ -199,10 +199,10 @@ def test_failed_write_changes_nothing(store):
 
 def test_skip_document_records_reason_and_drops_chunks(store):
     put(store, "/a", "was readable")
-    rec = store.skip_document("/a", "encrypted PDF (password required)", sha256="s2", size=5, mtime=2.0)
+    rec = store.skip_document("/a", "encrypted PDF (password required)", FileMeta("s2", 5, 2.0))
     assert (rec.status, rec.error, rec.n_chunks) == ("skipped", "encrypted PDF (password required)", 0)
     gen = store.stats()["generation"]
-    assert store.skip_document("/a", rec.error, sha256="s2", size=5, mtime=2.0).id == rec.id
+    assert store.skip_document("/a", rec.error, FileMeta("s2", 5, 2.0)).id == rec.id
     assert store.stats()["generation"] == gen  # the same skip again writes nothing
     assert store.bm25_search("readable", 5) == [] and store.stats()["chunks"] == 0
     store.verify()

@@ -29,7 +29,7 @@ from rag.config import Settings, get_settings
 from rag.embed import Embedder, get_embedder
 from rag.ingest.chunker import Chunker
 from rag.ingest.loaders import SkipFile, load_document
-from rag.store import Store, StoreError
+from rag.store import FileMeta, Store, StoreError
 from rag.types import Chunk
 
 # Test hook: seconds to sleep after loading each file that needs embedding, so that a test's
@@ -113,9 +113,7 @@ class _Pending:
 
     path: str
     title: str
-    sha256: str
-    size: int
-    mtime: float
+    meta: FileMeta
     chunks: list[Chunk]
 
 
@@ -149,28 +147,21 @@ class _Job:
         if self.on_progress is not None:
             self.on_progress(ProgressEvent(self.files_done, self.n_files, self.report.chunks, path))
 
-    def _skip(
-        self,
-        path: str,
-        reason: str,
-        sha256: str | None = None,
-        size: int | None = None,
-        mtime: float | None = None,
-    ) -> None:
-        self.store.skip_document(path, reason, sha256=sha256, size=size, mtime=mtime)
+    def _skip(self, path: str, reason: str, meta: FileMeta = FileMeta()) -> None:
+        self.store.skip_document(path, reason, meta)
         self.report.skipped.append((path, reason))
         self._done(path)
 
     def add(self, path: Path) -> None:
         """Hash, compare, load and chunk one file; queue it for embedding (or record the skip)."""
-        key, sha, size, mtime = str(path), None, None, None
+        key, meta = str(path), FileMeta()
         try:
             st = path.stat()
-            size, mtime = st.st_size, st.st_mtime
-            if size <= self.max_bytes:  # larger files are refused by load_document without reading
-                sha = file_sha256(path)
+            meta = FileMeta(None, st.st_size, st.st_mtime)
+            if st.st_size <= self.max_bytes:  # larger files are refused by load_document without reading
+                meta = FileMeta(file_sha256(path), st.st_size, st.st_mtime)
                 old = self.store.find_document(key)
-                if old is not None and old.status == "indexed" and old.sha256 == sha:
+                if old is not None and old.status == "indexed" and old.sha256 == meta.sha256:
                     self.report.unchanged += 1
                     self._done(key)
                     return
@@ -179,14 +170,14 @@ class _Job:
             if not chunks:
                 raise SkipFile("no text to index")
         except SkipFile as exc:
-            self._skip(key, str(exc), sha, size, mtime)
+            self._skip(key, str(exc), meta)
             return
         except OSError as exc:
-            self._skip(key, f"cannot read file: {exc.strerror or exc}", sha, size, mtime)
+            self._skip(key, f"cannot read file: {exc.strerror or exc}", meta)
             return
         if self.slowdown:
             time.sleep(self.slowdown)
-        item = _Pending(key, doc.title, sha, size, mtime, chunks)
+        item = _Pending(key, doc.title, meta, chunks)
         if len(chunks) >= self.batch_chunks:  # a big file goes alone, streamed in batches
             self.flush()
             self._commit(item, self._batches(chunks))
@@ -208,16 +199,9 @@ class _Job:
 
     def _commit(self, item: _Pending, batches: Iterable[tuple[Sequence[Chunk], np.ndarray]]) -> None:
         try:
-            rec = self.store.put_document(
-                item.path,
-                title=item.title,
-                sha256=item.sha256,
-                size=item.size,
-                mtime=item.mtime,
-                batches=batches,
-            )
+            rec = self.store.put_document(item.path, title=item.title, meta=item.meta, batches=batches)
         except _EmbedError as exc:
-            self._skip(item.path, str(exc), item.sha256, item.size, item.mtime)
+            self._skip(item.path, str(exc), item.meta)
             return
         self.report.ingested += 1
         self.report.chunks += rec.n_chunks
