@@ -9,6 +9,8 @@ and only then a cut between two tokens of one word.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from tokenizers import Tokenizer
 
@@ -24,6 +26,7 @@ TOKEN, WORD, SPACE, LINE, SENTENCE, PARAGRAPH = range(6)
 _SENTENCE_END = _codepoints(".!?…。！？؟।")
 _FULLWIDTH_END = _codepoints("。！？")  # CJK sentences end without a following space
 _CLOSERS = _codepoints("\"')]}»”’」』")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _SEGMENT_CHARS = 100_000  # long pages are tokenized in pieces cut at whitespace (bounded memory)
 
 
@@ -55,6 +58,12 @@ def _segments(text: str, size: int) -> list[int]:
     return starts
 
 
+def _tokenizable(text: str) -> str:
+    """Lone UTF-16 surrogates (from broken PDFs) made U+FFFD: the Rust tokenizer rejects them,
+    and a same-length substitute keeps every offset valid for the original text."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
 class Chunker:
     """Token-aware chunker: no chunk exceeds `chunk_tokens`; neighbours share about `overlap` tokens."""
 
@@ -73,10 +82,11 @@ class Chunker:
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` without special tokens: the unit of `chunk_tokens`."""
-        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        return len(self.tokenizer.encode(_tokenizable(text), add_special_tokens=False).ids)
 
     def _tokenize(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         """Char offsets (n, 2) and pre-tokenizer word index (n,) of every token, in one batched pass."""
+        text = _tokenizable(text)
         starts = _segments(text, _SEGMENT_CHARS)
         pieces = [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
         offs, words, seen = [], [], 0
@@ -170,7 +180,7 @@ class Chunker:
             return []
         levels = self._levels(text, offs, words)
         spans = self._spans(text, offs, levels, verify=False)
-        texts = [text[offs[i, 0] : offs[j - 1, 1]] for i, j in spans]
+        texts = [_tokenizable(text[offs[i, 0] : offs[j - 1, 1]]) for i, j in spans]
         counts = [len(e.ids) for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
         if max(counts) > self.chunk_tokens:  # rare: a cut inside a word re-tokenized longer
             spans = self._spans(text, offs, levels, verify=True)

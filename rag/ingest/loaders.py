@@ -197,6 +197,16 @@ def _load_html(data: bytes, path: Path) -> tuple[str, list[str]]:
 # ----------------------------------------------------------------------------------------------- pdf
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _fix_surrogates(text: str) -> str:
+    """Join UTF-16 surrogate pairs, replace lone halves: some PDF fonts map glyphs to them."""
+    if not _SURROGATE.search(text):
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 _JUNK_PDF_TITLE = re.compile(r"|untitled.*|document\d*|microsoft word - .*", re.IGNORECASE)  # tool defaults
 
 
@@ -223,7 +233,7 @@ def _load_pdf(data: bytes, path: Path) -> tuple[str, list[str]]:
     texts, errors = [], []
     for page in pages:  # page by page: one broken page keeps the rest of the document
         try:
-            texts.append(page.extract_text() or "")
+            texts.append(_fix_surrogates(page.extract_text() or ""))
         except Exception as exc:
             texts.append("")
             errors.append(exc)

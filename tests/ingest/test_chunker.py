@@ -70,6 +70,7 @@ TEXTS = {
     "leading_trailing_space": "\n\n   " + prose(300, seed=3) + "  \r\n\t",
     "control_and_zero_width": ("a\u200bb c\x07d \ufeffe. " * 200),
     "short": "Just one line.",
+    "lone_surrogates": "broken pdf glyph \ud835 here. paired \ud835\udc00 too. " * 40,
 }
 
 
