@@ -2,7 +2,7 @@
 
 Each page is tokenized once (with character offsets); cut points are then chosen from
 precomputed boundary tables in O(1) per chunk, so a 1,000-page PDF costs one tokenizer pass
-plus one batched check, never a tokenization per candidate chunk.
+plus one batched check of the chunks, never a tokenization per candidate chunk.
 Cuts prefer, in order: paragraph break, sentence end, line break, whitespace, word edge (punctuation),
 and only then a cut between two tokens of one word.
 """
@@ -128,28 +128,34 @@ class Chunker:
         # next_word[k]: smallest b >= k that starts a word (or n).
         next_word = np.minimum.accumulate(np.where(levels >= WORD, idx, n)[::-1])[::-1]
         spans: list[tuple[int, int]] = []
-        i = 0
+        i = j = 0
         while i < n:
-            hi = min(i + self.chunk_tokens, n)
+            prev_end, hi = j, min(i + self.chunk_tokens, n)
+            lo = max(i + self.min_tokens, prev_end + 1)  # each chunk must end later than the previous one
             j = hi
             if hi < n:
-                lo = i + self.min_tokens
                 for lv in (PARAGRAPH, SENTENCE, LINE, SPACE, WORD):
                     b = last_at[lv][hi]
                     if b >= lo:
                         j = int(b)
                         break
-            while (
-                verify
-                and j - i > 1
-                and self.count_tokens(text[offs[i, 0] : offs[j - 1, 1]]) > self.chunk_tokens
-            ):
-                j -= 1  # re-tokenizing a cut-out span can give more tokens than it had in context
+            if verify:
+                i, j = self._fit(text, offs, i, j, prev_end)
             spans.append((i, j))
             if j >= n:
                 break
             i = self._next_start(i, j, last_at, next_word)
         return spans
+
+    def _fit(self, text: str, offs: np.ndarray, i: int, j: int, floor: int) -> tuple[int, int]:
+        """Shrink tokens [i, j) until their text, tokenized alone, fits: cut alone, a piece of a word
+        can take more tokens than in context. The end stays above `floor` so no chunk is redundant."""
+        while j - i > 1 and self.count_tokens(text[offs[i, 0] : offs[j - 1, 1]]) > self.chunk_tokens:
+            if j - 1 > floor:
+                j -= 1
+            else:
+                i += 1
+        return i, j
 
     def _next_start(self, i: int, j: int, last_at: list[np.ndarray], next_word: np.ndarray) -> int:
         """Start the next chunk about `overlap` tokens before `j`, at a sentence or word start.
@@ -158,7 +164,7 @@ class Chunker:
         """
         if self.overlap == 0:
             return j
-        target = j - self.overlap
+        target = max(j - self.overlap, i + 1)  # a chunk shrunk by the re-tokenization check may be short
         slack = max(1, self.overlap // 4)
         for lv in (SENTENCE, WORD):
             b = int(last_at[lv][target])
@@ -168,7 +174,7 @@ class Chunker:
             return b
         if (b := int(last_at[WORD][target])) > i:  # or further back: more overlap
             return b
-        return max(target, i + 1)
+        return target
 
     def chunk_page(self, page: Page) -> list[Chunk]:
         """Chunks of one page; `page.text[c.start:c.end] == c.text`, never empty, never padded by spaces."""
