@@ -151,7 +151,8 @@ def write_beir(root: Path) -> None:
     (root / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td0\t1\nq2\td1\t1\nq3\td9\t1\n")
 
 
-def test_eval_retrieval_on_tiny_beir(tmp_path):
+def test_eval_retrieval_on_tiny_beir(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where the corpus files are written
     write_beir(tmp_path / "beir")
     args = ("eval", "retrieval", "--beir", tmp_path / "beir", "--split", "dev", "--index", tmp_path / "idx")
     result = rag_json(*args)
@@ -169,3 +170,4 @@ def test_eval_retrieval_on_tiny_beir(tmp_path):
         "eval", "retrieval", "--beir", tmp_path / "beir", "--split", "nope", "--index", tmp_path / "idx"
     )
     assert bad.exit_code == 1 and "qrels not found" in bad.stderr
+    assert len(list((tmp_path / "cache").glob("rag/beir/beir-*/docs/*.md"))) == 4
