@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import codecs
 import io
+import logging
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +20,10 @@ from bs4 import BeautifulSoup, NavigableString, Tag
 from bs4.element import PreformattedString
 
 from rag.types import Document, Page
+
+# A broken PDF becomes a SkipFile reason; pypdf's own warnings ("EOF marker not found") would only
+# clutter the progress display. Apps that configure logging still receive them.
+logging.getLogger("pypdf").addHandler(logging.NullHandler())
 
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".rst"})
 HTML_SUFFIXES = frozenset({".html", ".htm"})
@@ -179,7 +185,10 @@ def _html_text(root: Tag) -> str:
 def _load_html(data: bytes, path: Path) -> tuple[str, list[str]]:
     m = _META_CHARSET.search(data[:4096])
     html = decode_text(data, declared=m.group(1).decode("ascii") if m else None)
-    soup = BeautifulSoup(html, "html.parser")
+    with warnings.catch_warnings(
+        action="ignore"
+    ):  # e.g. "looks like a URL": noise for a file we parse anyway
+        soup = BeautifulSoup(html, "html.parser")
     title = ""
     if soup.title and soup.title.get_text(strip=True):
         title = soup.title.get_text(" ", strip=True)
