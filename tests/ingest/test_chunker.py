@@ -113,6 +113,10 @@ def test_prefers_paragraph_then_sentence_then_whitespace(tokenizer):
     paragraphs = prose(1200, seed=7, sentence_every=9, paragraph_every=45)
     chunks = chunker.chunk_page(Page(1, paragraphs))
     assert all(paragraphs[c.end : c.end + 2] == "\n\n" for c in chunks[:-1])
+    crlf = paragraphs.replace("\n", "\r\n")
+    assert [c.text.replace("\r\n", "\n") for c in chunker.chunk_page(Page(1, crlf))] == [
+        c.text for c in chunks
+    ]
 
     sentences = prose(1200, seed=7, sentence_every=9)
     chunks = chunker.chunk_page(Page(1, sentences))
