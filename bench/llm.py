@@ -1,0 +1,332 @@
+"""`rag bench llm` and `rag bench extrapolation`: decoding speed and length extrapolation of our GPT.
+
+Speed is always a ratio of two measurements taken in the same process a moment apart (the CPU is
+shared, so absolute milliseconds drift): KV-cache decoding against recomputing the whole forward
+for each new token, and a sliding-window ring-buffer cache at a late position against an early
+one. Timings use torch.inference_mode, drop warmup steps and take the median. Decoding speed does
+not depend on the weights, so these runs use freshly initialised models and random prompt ids.
+On CUDA the same command also measures training throughput/MFU and compiled decoding.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from bench.scaling import SmallRun, bench_data, train_small
+from rag.llm.model import GPT, ModelConfig
+
+KV_CONTEXTS = (128, 512, 1024)
+WINDOW_POSITIONS = (512, 4096)
+WINDOW_SIZE = 256
+PREFILL_CHUNK = 512  # untimed prefill goes in chunks, so a 4096-token prompt never builds a 4096^2 mask
+
+Step = Callable[[Tensor, object], Tensor]  # (token (1, 1), cache) -> logits
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cached_step(model: GPT) -> Step:
+    return lambda tok, cache: model(tok, cache=cache, last_only=True).logits
+
+
+@torch.inference_mode()
+def decode_ms(
+    model: GPT,
+    positions: tuple[int, ...],
+    new_tokens: int = 8,
+    warmup: int = 2,
+    *,
+    cached: bool = True,
+    step: Step | None = None,
+    seed: int = 0,
+) -> tuple[dict[int, float], list[int]]:
+    """Median milliseconds per greedy decode step, for steps that end at each context length in `positions`,
+    and the decoded token ids (equal with and without the cache: both paths compute the same thing).
+
+    One sequence grows through the positions in order: random tokens fill it (untimed) up to
+    `p - warmup - new_tokens`, then warmup + new_tokens steps are timed and the warmup ones dropped.
+    cached=True keeps a KV cache and feeds one token per step (`step` may replace the model call,
+    e.g. a compiled one); cached=False is the baseline that recomputes the forward over the whole
+    sequence for every new token.
+    """
+    device = model.tok_emb.weight.device
+    gen = torch.Generator().manual_seed(seed)
+    positions = tuple(sorted(positions))
+    span = warmup + new_tokens
+    if positions[0] <= span:
+        raise ValueError(f"positions must exceed warmup + new_tokens = {span}, got {positions[0]}")
+    cache = model.new_cache(1, positions[-1]) if cached else None
+    step = step or _cached_step(model)
+    seq = torch.empty(1, 0, dtype=torch.long, device=device)
+    out, decoded = {}, []
+    for p in positions:
+        fill = torch.randint(0, model.config.vocab_size, (1, p - span - seq.size(1)), generator=gen)
+        seq = torch.cat([seq, fill.to(device)], dim=1)
+        if cache is not None:  # the cache holds all but the last token, which the first step feeds
+            for chunk in seq[:, cache.length : -1].split(PREFILL_CHUNK, dim=1):
+                model(chunk, cache=cache, last_only=True)
+        tok = seq[:, -1:]
+        times = []
+        for _ in range(span):
+            t0 = time.perf_counter()
+            logits = step(tok, cache) if cache is not None else model(seq, last_only=True).logits
+            tok = logits[:, -1].argmax(dim=-1, keepdim=True)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+            seq = torch.cat([seq, tok], dim=1)
+            decoded.append(int(tok))
+        out[p] = 1e3 * statistics.median(times[warmup:])
+    return out, decoded
+
+
+def new_model(config: ModelConfig, device: str | torch.device = "cpu", dtype=torch.float32) -> GPT:
+    torch.manual_seed(0)
+    return GPT(config).to(device=device, dtype=dtype).eval()
+
+
+def kv_cache_speedup(
+    config: ModelConfig, contexts=KV_CONTEXTS, new_tokens: int = 8, warmup: int = 2
+) -> list[dict]:
+    """ms/token with and without the KV cache at each context length, and their ratio."""
+    model = new_model(config)
+    cached, cached_ids = decode_ms(model, contexts, new_tokens, warmup, cached=True)
+    full, full_ids = decode_ms(model, contexts, new_tokens, warmup, cached=False)
+    same = cached_ids == full_ids
+    return [
+        {
+            "context": c,
+            "cached_ms": cached[c],
+            "uncached_ms": full[c],
+            "speedup": full[c] / cached[c],
+            "same_tokens": same,
+        }
+        for c in contexts
+    ]
+
+
+def window_scaling(
+    config: ModelConfig, positions=WINDOW_POSITIONS, window_size: int = WINDOW_SIZE, new_tokens: int = 16
+) -> list[dict]:
+    """Cached ms/token at a late vs an early position: sliding window (ring buffer) and full attention.
+
+    A sliding-window cache holds window_size keys whatever the position, so its ratio should be ~1;
+    full attention reads every earlier key, so its cost grows with the position.
+    """
+    early, late = positions
+    rows = []
+    for name, cfg in (
+        (f"sliding {window_size}", replace(config, window="sliding", window_size=window_size)),
+        ("full", replace(config, window="full")),
+    ):
+        ms, _ = decode_ms(new_model(cfg), positions, new_tokens, warmup=4)
+        rows.append(
+            {
+                "attention": name,
+                f"ms@{early}": ms[early],
+                f"ms@{late}": ms[late],
+                "ratio": ms[late] / ms[early],
+            }
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA only: training throughput / MFU and compiled decoding
+
+
+class RandomTokens:
+    """A training Task of uniformly random token windows: throughput does not depend on the text,
+    and the device machine has no corpus on it."""
+
+    tokenizer = None
+
+    def __init__(self, vocab_size: int, block_size: int):
+        self.vocab_size, self.block_size = vocab_size, block_size
+
+    def size(self, split: str) -> int:
+        return 1 << 30
+
+    def batch(self, split: str, indices: np.ndarray, device: torch.device) -> tuple[Tensor, Tensor]:
+        gen = torch.Generator().manual_seed(int(indices[0]))
+        xy = torch.randint(0, self.vocab_size, (len(indices), self.block_size + 1), generator=gen)
+        xy = xy.to(device, non_blocking=True)
+        return xy[:, :-1], xy[:, 1:]
+
+    def loss(self, model, batch):
+        from rag.llm.train import lm_loss
+
+        return lm_loss(model, *batch)
+
+    def n_tokens(self, batch) -> int:
+        return batch[0].numel()
+
+
+def training_throughput(
+    device: str = "cuda", preset: str = "default", steps: int = 10, warmup: int = 3, **overrides
+) -> dict:
+    """Tokens/s and MFU of the training loop's own step (bf16 autocast, fused AdamW, torch.compile on
+    CUDA, as the preset says) on `preset`; MFU uses the loop's FLOP count and peak-FLOPs table."""
+    from rag.llm.train import TRAIN_PRESETS, TrainConfig, Trainer, model_config, peak_flops
+
+    with tempfile.TemporaryDirectory(prefix="rag-bench-train-") as tmp:
+        cfg = TrainConfig(**{**TRAIN_PRESETS[preset], **overrides, "out_dir": tmp, "device": device})
+        cfg.progress = False
+        model = GPT(model_config(cfg.model, ModelConfig.preset(cfg.model).vocab_size, cfg.model_overrides))
+        block = cfg.block_size or model.config.block_size
+        trainer = Trainer(cfg, model, RandomTokens(model.config.vocab_size, block), block)
+        times, tokens = [], 0
+        for _ in range(warmup + steps):
+            _sync(trainer.rt.device)
+            t0 = time.perf_counter()
+            _, _, tokens = trainer.train_step()
+            _sync(trainer.rt.device)
+            times.append(time.perf_counter() - t0)
+    tok_s = tokens / statistics.median(times[warmup:])
+    peak = peak_flops(trainer.rt.device)
+    return {
+        "preset": preset,
+        "tokens_per_step": tokens,
+        "dtype": str(trainer.dtype).removeprefix("torch."),
+        "compile": cfg.compile,
+        "tok_per_s": tok_s,
+        "mfu": model.flops_per_token(block) * tok_s / peak if peak else None,
+        "device": torch.cuda.get_device_name(trainer.rt.device)
+        if trainer.rt.device.type == "cuda"
+        else "cpu",
+    }
+
+
+def compiled_decoding(
+    config: ModelConfig,
+    device: str = "cuda",
+    dtype=torch.bfloat16,
+    position: int = 512,
+    new_tokens: int = 128,
+) -> dict:
+    """Decode tokens/s, eager vs torch.compile'd step, with the same preallocated KV cache.
+
+    The cache never reallocates; its keys grow one slot per step, which torch.compile handles with
+    one dynamic-shape graph after its first recompilation (both compilations fall in the warmup).
+    """
+    model = new_model(config, device, dtype)
+    eager, eager_ids = decode_ms(model, (position,), new_tokens, warmup=8)
+    compiled_step = torch.compile(_cached_step(model))
+    compiled, compiled_ids = decode_ms(model, (position,), new_tokens, warmup=8, step=compiled_step)
+    eager, compiled = eager[position], compiled[position]
+    return {
+        "position": position,
+        "eager_tok_per_s": 1e3 / eager,
+        "compiled_tok_per_s": 1e3 / compiled,
+        "speedup": eager / compiled,
+        # bf16 kernels may round differently and flip a near-tie, after which the sequences part
+        "token_agreement": np.mean([a == b for a, b in zip(eager_ids, compiled_ids, strict=True)]).item(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def run_llm_bench(
+    model: str = "default", new_tokens: int = 8, progress: Callable[[str], None] = print
+) -> dict:
+    """Every part of `rag bench llm`; the CUDA part is skipped (with a reason) on a CPU-only machine."""
+    config = ModelConfig.preset(model)
+    progress(f"KV cache vs full recompute, {model} model, contexts {KV_CONTEXTS} ...")
+    kv = kv_cache_speedup(config, new_tokens=new_tokens)
+    progress(f"sliding window {WINDOW_SIZE} vs full attention at positions {WINDOW_POSITIONS} ...")
+    window = window_scaling(config, new_tokens=2 * new_tokens)
+    result = {
+        "model": model,
+        "threads": torch.get_num_threads(),
+        "kv_cache": kv,
+        "kv_speedup_512": next(r["speedup"] for r in kv if r["context"] == 512),
+        "window": window,
+        "window_ratio_sliding": window[0]["ratio"],
+        "window_ratio_full": window[1]["ratio"],
+    }
+    if torch.cuda.is_available():
+        progress("CUDA: training throughput (default preset, bf16, fused AdamW, torch.compile) ...")
+        result["cuda_training"] = training_throughput("cuda", "default")
+        progress("CUDA: decoding, eager vs compiled ...")
+        result["cuda_decode"] = compiled_decoding(config, "cuda")
+    else:
+        result["cuda_training"] = result["cuda_decode"] = {"skipped": "no CUDA"}
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Length extrapolation: train at 256 positions, evaluate at 256 / 512 / 1024
+
+POSITION_TYPES = ("sinusoidal", "learned", "rope", "alibi")
+EVAL_LENGTHS = (256, 512, 1024)
+EXTRAPOLATION_MODEL = {"n_layer": 3, "d_model": 96, "n_head": 4, "n_kv_head": 4}
+
+
+@torch.inference_mode()
+def perplexity(model: GPT, tokens: np.ndarray, length: int, n_tokens: int, batch_size: int = 8) -> float:
+    """exp(mean next-token loss) over non-overlapping windows of `length` covering the first n_tokens.
+
+    Every length scores the same tokens; a longer window gives each token more context, so a model
+    that extrapolates gets the same or a lower perplexity as `length` grows past its training length.
+    """
+    n_windows = n_tokens // length
+    if n_windows < 1 or len(tokens) < n_windows * length + 1:
+        raise ValueError(f"need at least {length + 1} tokens for windows of {length}, have {len(tokens)}")
+    ids = torch.from_numpy(np.asarray(tokens[: n_windows * length + 1], dtype=np.int64))
+    x, y = ids[:-1].view(n_windows, length), ids[1:].view(n_windows, length)
+    total = 0.0
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
+        total += float(model(xb, targets=yb).ce_loss) * xb.numel()
+    return float(np.exp(total / x.numel()))
+
+
+def run_extrapolation(
+    tokens: int = 250_000,
+    positions=POSITION_TYPES,
+    lengths=EVAL_LENGTHS,
+    eval_tokens: int = 16384,
+    progress: Callable[[str], None] = print,
+) -> dict:
+    """Train one small model per position scheme on the same tokens at context run.block_size, then
+    measure perplexity at each of `lengths`. A learned table has no rows past block_size: n/a."""
+    from rag.llm.checkpoint import load_checkpoint
+    from rag.llm.data import open_tokens
+
+    run = SmallRun(block_size=256, tokens=tokens, batch_size=8)
+    data_dir = bench_data()
+    val = open_tokens(data_dir, "val")
+    table = []
+    with tempfile.TemporaryDirectory(prefix="rag-extrapolation-") as tmp:
+        for pos in positions:
+            progress(f"training with {pos} positions on {tokens:,} tokens at context {run.block_size} ...")
+            out = Path(tmp) / pos
+            train_small(data_dir, {**EXTRAPOLATION_MODEL, "pos": pos}, run, out)
+            model, _ = load_checkpoint(out)
+            model.eval()
+            row, note = {}, ""
+            for length in lengths:
+                try:
+                    row[str(length)] = perplexity(model, val, length, eval_tokens)
+                except ValueError as e:  # learned positions past block_size: the model refuses
+                    row[str(length)], note = None, str(e)
+            table.append({"pos": pos, **row, "note": note})
+    return {
+        "train_length": run.block_size,
+        "run": asdict(run),
+        "model": EXTRAPOLATION_MODEL,
+        "eval_tokens": eval_tokens,
+        "perplexity": table,
+    }
