@@ -109,7 +109,7 @@ def _first_heading(text: str, underline: str) -> str | None:
             continue
         if in_fence:
             continue
-        if m := re.match(r"#\s+(.+?)(?:\s+#+)?\s*$", line):
+        if m := re.match(r"#\s+(.+?)(?:\s+#+)?(?:\s*\{\s*[#.][^}]*\})?\s*$", line):  # drop '{ #id }' attrs
             return m.group(1).strip()
         nxt = lines[i + 1].strip() if i + 1 < len(lines) else ""
         underlined = re.fullmatch(f"([{re.escape(underline)}])\\1{{2,}}", nxt)

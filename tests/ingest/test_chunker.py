@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from rag.ingest import Chunker
+from rag.ingest import Chunker, load_document
 from rag.types import Chunk, Document, Page
+from tests.ingest.test_loaders import make_pdf
 
 # fmt: off
 WORDS = ["the", "river", "carries", "old", "stones", "past", "quiet", "towns", "while", "engineers",
@@ -169,6 +170,18 @@ def test_chunk_document_keeps_page_numbers_and_skips_blank_pages(tokenizer):
     assert chunks[-1] == Chunk(3, 0, 15, "Last page text.")
     for page in doc.pages:
         check(chunker, page, [c for c in chunks if c.page == page.number])
+
+
+def test_pdf_chunks_cite_their_pdf_page(tokenizer, tmp_path):
+    path = tmp_path / "three.pdf"
+    path.write_bytes(make_pdf(["Apples grow on trees.", "", "Cherries are red and small."]))
+    doc = load_document(path, max_bytes=1 << 20)
+    chunks = Chunker(tokenizer, chunk_tokens=32, overlap=8).chunk_document(doc)
+    assert [(c.page, c.text) for c in chunks] == [
+        (1, "Apples grow on trees."),
+        (3, "Cherries are red and small."),
+    ]
+    assert all(doc.pages[c.page - 1].text[c.start : c.end] == c.text for c in chunks)
 
 
 def test_empty_page_gives_no_chunks(tokenizer):

@@ -79,6 +79,13 @@ def test_markdown_title_is_first_h1_outside_code_fences(tmp_path):
     assert load(write(tmp_path, "doc.md", text)).title == "The Real Title"
 
 
+def test_markdown_heading_attributes_are_not_part_of_the_title(tmp_path):
+    assert (
+        load(write(tmp_path, "a.md", "# Python Types Intro { #python-types-intro }\n\nx")).title
+        == "Python Types Intro"
+    )
+
+
 def test_underlined_titles_in_rst_and_markdown(tmp_path):
     assert load(write(tmp_path, "guide.rst", "User Guide\n----------\n\nText.")).title == "User Guide"
     assert load(write(tmp_path, "setext.md", "Big Title\n=========\n\nText.")).title == "Big Title"
