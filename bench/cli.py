@@ -2,6 +2,80 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 app = typer.Typer(no_args_is_help=True)
+
+
+# ---- ingest / search / memory (foundation benchmarks) -------------------------------------------
+
+
+def _show(title: str, result: dict, as_json: bool) -> None:
+    """One JSON value on stdout, or one table per list of rows plus the scalar fields."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    if as_json:
+        print(json.dumps(result, indent=1))
+        return
+    console = Console()
+    console.print(f"[bold]{title}[/bold]")
+    for key, value in result.items():
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            table = Table(title=key)
+            for col in value[0]:
+                table.add_column(col)
+            for row in value:
+                table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()))
+            console.print(table)
+        else:
+            console.print(f"{key}: {value:.3g}" if isinstance(value, float) else f"{key}: {value}")
+
+
+@app.command("memory")
+def memory_cmd(
+    files: int = typer.Option(10_000, min=0, help="Small text files (one short paragraph each); 0 skips."),
+    pages: int = typer.Option(1_000, min=0, help="Pages of the generated PDF; 0 skips."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON value instead of tables."),
+) -> None:
+    """Peak RSS of ingest (in a subprocess) at 1/10 and full corpus size vs RSS after model load."""
+    from rich.console import Console
+
+    from bench.memory import run
+
+    with Console(stderr=True).status(f"ingesting {files} files and a {pages}-page PDF in subprocesses"):
+        rows = run(files, pages)
+    _show("Peak memory of ingest", {"runs": rows}, as_json)
+
+
+@app.command("ingest")
+def ingest_cmd(
+    files: int = typer.Option(200, min=1, help="Generated text files (Gutenberg prose)."),
+    words: int = typer.Option(400, min=10, help="Words per generated file."),
+    rounds: int = typer.Option(2, min=1, help="Rounds of (embed-only, ingest), order alternating."),
+    folder: Path | None = typer.Option(None, help="Ingest this folder instead of generated files."),
+    profile: bool = typer.Option(False, help="Also run ingest once under cProfile; list the top functions."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON value instead of tables."),
+) -> None:
+    """Ingest chunks/s vs the bare embedder's chunks/s on the same chunks (target ratio >= 0.9)."""
+    from bench.ingest import run
+
+    _show("Ingest throughput vs embedder", run(files, words, rounds, folder, profile), as_json)
+
+
+@app.command("search")
+def search_cmd(
+    chunks: int = typer.Option(100_000, min=1, help="Chunks in the benchmark index (built once, cached)."),
+    queries: int = typer.Option(200, min=1, help="Timed queries (SQuAD dev questions)."),
+    k: int = typer.Option(5, min=1, help="Results per query."),
+    threads: int = typer.Option(2, min=1, help="Torch and FAISS threads."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON value instead of tables."),
+) -> None:
+    """Dense / BM25 / hybrid latency p50/p95 vs a raw FAISS search on the same index."""
+    from bench.search import run
+
+    _show("Search latency", run(chunks, queries, k, threads=threads), as_json)

@@ -1,0 +1,110 @@
+"""Ingest throughput: end-to-end `ingest()` vs the bare embedder on the very same chunks.
+
+The embedder is the floor of ingest cost, so the ratio (ingest chunks/s) / (embedder chunks/s)
+says how much loading, chunking, SQLite, FAISS and BM25 snapshots add on top (target >= 0.9).
+Rounds alternate which of the two runs first, so a drift in machine load hits both alike.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import pstats
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from bench.data import BENCH_DIR, text_folder
+from rag.config import Settings
+from rag.embed import Embedder, get_embedder
+from rag.ingest.chunker import Chunker
+from rag.ingest.job import find_files, ingest
+from rag.ingest.loaders import SkipFile, load_document
+
+BATCH_CHUNKS = 256  # ingest()'s default: the baseline feeds the embedder batches of the same size
+
+
+def chunk_texts(folder: Path, settings: Settings, embedder: Embedder) -> list[str]:
+    """The chunks ingest() will embed, produced by the same loader and chunker."""
+    chunker = Chunker(embedder.tokenizer, settings.chunk_tokens, settings.chunk_overlap)
+    texts: list[str] = []
+    for path in find_files([folder])[0]:
+        try:
+            doc = load_document(path, settings.max_file_bytes)
+        except SkipFile:
+            continue
+        texts.extend(c.text for c in chunker.chunk_document(doc))
+    return texts
+
+
+def embed_only(embedder: Embedder, texts: list[str]) -> float:
+    """Seconds to embed `texts` in ingest-sized batches."""
+    t0 = time.perf_counter()
+    for i in range(0, len(texts), BATCH_CHUNKS):
+        embedder.encode(texts[i : i + BATCH_CHUNKS])
+    return time.perf_counter() - t0
+
+
+def ingest_once(folder: Path, embedder: Embedder, scratch: Path) -> tuple[float, int]:
+    """Seconds and chunks of one full ingest of `folder` into a new index under `scratch`."""
+    index = Path(tempfile.mkdtemp(dir=scratch))
+    report = ingest([folder], Settings(index_dir=index), embedder=embedder, batch_chunks=BATCH_CHUNKS)
+    return report.seconds, report.chunks
+
+
+def profile_ingest(folder: Path, embedder: Embedder, scratch: Path, top: int = 15) -> list[dict]:
+    """Where ingest spends its time: the `top` functions by own time (cProfile)."""
+    prof = cProfile.Profile()
+    prof.runcall(ingest_once, folder, embedder, scratch)
+    stats = pstats.Stats(prof)
+    total = sum(v[2] for v in stats.stats.values())  # type: ignore[attr-defined]
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]  # type: ignore[attr-defined]
+    return [
+        {"function": f"{Path(file).name}:{line}({name})", "own_s": tt, "share": tt / total}
+        for (file, line, name), (_, _, tt, _, _) in rows
+    ]
+
+
+def run(
+    files: int = 200, words: int = 400, rounds: int = 2, folder: Path | None = None, profile: bool = False
+) -> dict:
+    """Ingest vs embed-only throughput over `rounds`; `folder` replaces the generated corpus."""
+    if folder is None:
+        folder = text_folder(BENCH_DIR / "ingest" / f"gutenberg-{files}x{words}w", files, words)
+    elif not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    embedder = get_embedder(Settings().embedding_model)
+    texts = chunk_texts(folder, Settings(), embedder)
+    if not texts:
+        raise ValueError(f"no indexable text under {folder}")
+    embedder.encode(texts[:BATCH_CHUNKS])  # warm-up: first calls allocate
+    BENCH_DIR.mkdir(exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=BENCH_DIR) as scratch:
+        for r in range(rounds):
+            if r % 2 == 0:
+                embed_s = embed_only(embedder, texts)
+                ingest_s, n = ingest_once(folder, embedder, Path(scratch))
+            else:
+                ingest_s, n = ingest_once(folder, embedder, Path(scratch))
+                embed_s = embed_only(embedder, texts)
+            if n != len(texts):
+                raise RuntimeError(f"ingest wrote {n} chunks, the chunker gave {len(texts)}")
+            rows.append(
+                {
+                    "round": r + 1,
+                    "embed_chunks_per_s": n / embed_s,
+                    "ingest_chunks_per_s": n / ingest_s,
+                    "ratio": embed_s / ingest_s,
+                }
+            )
+        profiled = profile_ingest(folder, embedder, Path(scratch)) if profile else []
+    return {
+        "corpus": str(folder),
+        "files": len(find_files([folder])[0]),
+        "chunks": len(texts),
+        "rounds": rows,
+        "median_ratio": statistics.median(r["ratio"] for r in rows),
+        "target_ratio": 0.9,
+        **({"profile": profiled} if profile else {}),
+    }
