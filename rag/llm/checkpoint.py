@@ -74,7 +74,11 @@ def load_config(path) -> ModelConfig:
 
 def load_weights(model: nn.Module, path, device="cpu") -> None:
     """Load model.safetensors into an existing model (strict: every tensor must match)."""
-    load_model(unwrap(model), str(_require(Path(path) / WEIGHTS_FILE)), strict=True, device=str(device))
+    file = _require(Path(path) / WEIGHTS_FILE)
+    try:
+        load_model(unwrap(model), str(file), strict=True, device=str(device))
+    except RuntimeError as e:  # missing/unexpected keys or shapes: another architecture
+        raise CheckpointError(f"{file} does not fit this model configuration: {e}") from e
 
 
 def load_checkpoint(path, device="cpu") -> tuple[GPT, Tokenizer]:

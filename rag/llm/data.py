@@ -226,15 +226,15 @@ class TokenWindows:
 
     def __init__(self, data_dir: Path, split: str, block_size: int):
         self.tokens = open_tokens(data_dir, split)
-        if len(self.tokens) < block_size + 2:
+        if len(self.tokens) < block_size + 1:
             raise DataError(
-                f"{split} split has {len(self.tokens)} tokens, fewer than block_size + 2 = {block_size + 2}"
+                f"{split} split has {len(self.tokens)} tokens, fewer than block_size + 1 = {block_size + 1}"
             )
         self.block_size = block_size
 
     def __len__(self) -> int:
         """Number of valid window starts."""
-        return len(self.tokens) - self.block_size - 1
+        return len(self.tokens) - self.block_size
 
     def batch(self, starts: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         rows = np.stack([self.tokens[s : s + self.block_size + 1] for s in starts]).astype(np.int64)

@@ -272,6 +272,10 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
+# Settings that may change on resume without breaking exactness (others are reported).
+_RESUMABLE = {"resume", "stop_step", "progress", "device", "eval_interval", "log_interval"}
+
+
 class Trainer:
     """Runs cfg.max_steps optimizer steps of `task` on `model`, resuming from cfg.out_dir if asked."""
 
@@ -333,6 +337,11 @@ class Trainer:
             raise ValueError(
                 f"checkpoint was written by {state['world_size']} ranks, this run has {self.rt.world_size}"
             )
+        changed = sorted(
+            k for k, v in asdict(self.cfg).items() if k not in _RESUMABLE and state["config"][k] != v
+        )
+        if changed and self.rt.main:
+            print(f"warning: resuming with changed settings {changed}: not an exact continuation")
         ckpt.load_weights(self.raw_model, self.out_dir, self.rt.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
@@ -481,7 +490,7 @@ class MetricsLog:
 
 
 def plot_loss_curve(rows: list[dict], path: Path) -> None:
-    """Train and val loss against step (log-scale y) as a PNG; Agg so it works without a display."""
+    """Train and val loss against step as a PNG; the Agg backend works without a display."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -494,8 +503,7 @@ def plot_loss_curve(rows: list[dict], path: Path) -> None:
         if points:
             ax.plot(*zip(*points, strict=True), style, label=label, markersize=4)
     ax.set(xlabel="step", ylabel="loss (nats/token)", title="loss curve")
-    ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from rag.llm.cli import app
 from rag.llm.data import (
     DataError,
     IndexSampler,
@@ -148,3 +150,34 @@ def test_sampler_shards_one_global_batch_and_resumes():
     assert not np.array_equal(IndexSampler(10_000, 8, seed=4).next(), IndexSampler(10_000, 8, seed=3).next())
     with pytest.raises(DataError, match="seed"):
         IndexSampler(10_000, 8, seed=9).load_state_dict(whole.state_dict())
+
+
+def test_cli_tokenizer_then_prepare(tmp_path):
+    src = tmp_path / "corpus.txt.gz"
+    with gzip.open(src, "wt", encoding="utf-8") as f:
+        f.write(toy_text(300, seed=8))
+    tok_path, out = tmp_path / "tok.json", tmp_path / "tokens"
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["tokenizer", "--corpus", str(src), "--vocab-size", "300", "--out", str(tok_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert Tokenizer.load(tok_path).vocab_size == 300
+    args = [
+        "prepare",
+        "--corpus",
+        str(src),
+        "--tokenizer",
+        str(tok_path),
+        "--out",
+        str(out),
+        "--val-fraction",
+        "0.1",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["vocab_size"] == 300 and meta["n_tokens"]["val"] > 0
+    assert "val tokens" in result.output
+    bad = runner.invoke(app, ["prepare", "--corpus", "no-such-corpus", "--tokenizer", str(tok_path)])
+    assert bad.exit_code == 1 and "unknown corpus" in bad.output
