@@ -194,72 +194,47 @@ def lm(
     _report(train_lm(cfg, rt), cfg.out_dir)
 
 
-def _align(
-    kind: str, preset, data, val_data, init, out, max_steps, batch_size, lr, resume, device, sets, **extra
-):
-    from rag.llm.align import train_dpo, train_sft
-
-    out = out or Path("runs") / f"{kind}-{preset}"
-    cfg = _config(
-        preset,
-        sets,
-        data_dir=str(data),
-        val_data=str(val_data) if val_data else None,
-        init_from=str(init),
-        out_dir=str(out),
-        max_steps=max_steps,
-        batch_size=batch_size,
-        lr=lr,
-        resume=resume,
-        device=device,
-        **extra,
-    )
-    _report((train_sft if kind == "sft" else train_dpo)(cfg), cfg.out_dir)
-
-
 Init = Annotated[Path, typer.Option("--init", help="Checkpoint to start from (e.g. runs/lm-default).")]
 ValData = Annotated[Path | None, typer.Option(help="Held-out JSONL (else a fraction of --data).")]
 
 
-@app.command()
-@_friendly
-def sft(
-    data: Annotated[Path, typer.Option(help='JSONL of {"prompt", "answer"} rows.')],
-    init: Init,
-    preset: Preset = "tiny",
-    val_data: ValData = None,
-    out: Out = None,
-    max_steps: MaxSteps = None,
-    batch_size: BatchSize = None,
-    lr: Lr = None,
-    resume: Resume = False,
-    device: Device = "auto",
-    sets: Sets = None,
-) -> None:
-    """Supervised fine-tuning: loss on answer tokens only."""
-    _align("sft", preset, data, val_data, init, out, max_steps, batch_size, lr, resume, device, sets)
+AlignData = Annotated[
+    Path,
+    typer.Option(help='JSONL rows: {"prompt", "answer"} for sft, {"prompt", "chosen", "rejected"} for dpo.'),
+]
 
 
-@app.command()
-@_friendly
-def dpo(
-    data: Annotated[Path, typer.Option(help='JSONL of {"prompt", "chosen", "rejected"} rows.')],
-    init: Init,
-    preset: Preset = "tiny",
-    val_data: ValData = None,
-    out: Out = None,
-    beta: Annotated[float, typer.Option(help="DPO temperature: larger keeps closer to the reference.")] = 0.1,
-    max_steps: MaxSteps = None,
-    batch_size: BatchSize = None,
-    lr: Lr = None,
-    resume: Resume = False,
-    device: Device = "auto",
-    sets: Sets = None,
-) -> None:
-    """Direct preference optimisation against a frozen copy of --init."""
-    _align(
-        "dpo", preset, data, val_data, init, out, max_steps, batch_size, lr, resume, device, sets, beta=beta
-    )
+def _align_command(kind: str, doc: str) -> None:
+    """Register `rag train sft` / `dpo`: the same options, another objective (DPO's beta: --set beta=)."""
+
+    def command(
+        data: AlignData,
+        init: Init,
+        preset: Preset = "tiny",
+        val_data: ValData = None,
+        out: Out = None,
+        max_steps: MaxSteps = None,
+        batch_size: BatchSize = None,
+        lr: Lr = None,
+        resume: Resume = False,
+        device: Device = "auto",
+        sets: Sets = None,
+    ) -> None:
+        from rag.llm.align import train_dpo, train_sft
+
+        given = dict(max_steps=max_steps, batch_size=batch_size, lr=lr, resume=resume, device=device)
+        paths = dict(data_dir=str(data), val_data=val_data and str(val_data), init_from=str(init))
+        cfg = _config(preset, sets, out_dir=str(out or Path("runs") / f"{kind}-{preset}"), **paths, **given)
+        _report((train_sft if kind == "sft" else train_dpo)(cfg), cfg.out_dir)
+
+    command.__doc__ = doc
+    app.command(kind)(_friendly(command))
+
+
+_align_command("sft", "Supervised fine-tuning: loss on answer tokens only.")
+_align_command(
+    "dpo", "Direct preference optimisation against a frozen copy of --init (temperature: --set beta=0.1)."
+)
 
 
 if __name__ == "__main__":  # torchrun --nproc_per_node=N -m rag.llm.cli lm ...

@@ -138,14 +138,34 @@ def test_dpo_cli_and_bad_jsonl(tmp_path, start):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in toy_rows()))
     out = tmp_path / "dpo"
-    args = ["dpo", "--data", str(data), "--init", str(start), "--out", str(out), "--max-steps", "2",
-            "--device", "cpu", "--set", "eval_iters=1", "--set", "progress=false"]  # fmt: skip
+    args = [
+        "dpo",
+        "--data",
+        str(data),
+        "--init",
+        str(start),
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+        "--device",
+        "cpu",
+        "--set",
+        "eval_iters=1",
+        "--set",
+        "progress=false",
+        "--set",
+        "beta=0.2",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert ckpt.load_train_state(out)["step"] == 2
+    state = ckpt.load_train_state(out)
+    assert state["step"] == 2 and state["config"]["beta"] == 0.2
 
     data.write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n{"prompt": "p", "chosen": "c"}\n')
     with pytest.raises(ValueError, match=r"pairs.jsonl:2: .*rejected"):
         read_jsonl(data, ("prompt", "chosen", "rejected"))
-    bad = CliRunner().invoke(app, [*args[:7], "--out", str(tmp_path / "x")])
+    bad = CliRunner().invoke(
+        app, ["dpo", "--data", str(data), "--init", str(start), "--out", str(tmp_path / "x")]
+    )
     assert bad.exit_code == 1 and "pairs.jsonl:2" in bad.output
