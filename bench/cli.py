@@ -52,6 +52,82 @@ def memory_cmd(
     _show("Peak memory of ingest", {"runs": rows}, as_json)
 
 
+# ---- language model (decoding speed, length extrapolation, scaling) -----------------------------
+
+
+def _run_lm_bench(title: str, as_json: bool, threads: int, fn, **kwargs) -> None:
+    """Run fn with few torch threads (spinning OpenMP workers make timings noisier on a shared CPU),
+    progress on stderr, bad input as one line and exit 1, then print the result."""
+    import torch
+    from rich.console import Console
+
+    torch.set_num_threads(threads)
+    console = Console(stderr=True, quiet=as_json)
+    try:
+        result = fn(progress=console.print, **kwargs)
+    except ValueError as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(1) from None
+    _show(title, result, as_json)
+
+
+THREADS_HELP = "torch threads (the CPU is shared; 1 keeps timings steady)."
+JSON_HELP = "Print one JSON value instead of tables."
+
+
+@app.command("llm")
+def llm_cmd(
+    model: str = typer.Option("default", help="ModelConfig preset to time (default or tiny)."),
+    new_tokens: int = typer.Option(8, min=1, help="Timed decode steps per measurement (median)."),
+    threads: int = typer.Option(1, min=1, help=THREADS_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """KV-cache speedup, sliding window vs full attention, on CUDA train MFU and compiled decode."""
+    from bench.llm import run_llm_bench
+
+    _run_lm_bench(
+        "Language model: decoding speed", as_json, threads, run_llm_bench, model=model, new_tokens=new_tokens
+    )
+
+
+@app.command("extrapolation")
+def extrapolation_cmd(
+    tokens: int = typer.Option(250_000, min=10_000, help="Training tokens per model."),
+    threads: int = typer.Option(1, min=1, help=THREADS_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Perplexity at 256/512/1024 tokens of small models trained at 256, one per position scheme."""
+    from bench.llm import run_extrapolation
+
+    _run_lm_bench(
+        "Length extrapolation: perplexity, trained at 256 tokens",
+        as_json,
+        threads,
+        run_extrapolation,
+        tokens=tokens,
+    )
+
+
+@app.command("scaling")
+def scaling_cmd(
+    tokens: int = typer.Option(400_000, min=10_000, help="Training tokens per model (same for all)."),
+    plot: str = typer.Option("docs/img/scaling.png", help="Where to save the PNG of points and fit."),
+    threads: int = typer.Option(1, min=1, help=THREADS_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Train 5 model sizes on the same tokens and fit loss = a * N^-alpha + c (plot saved as PNG)."""
+    from bench.scaling import run_scaling
+
+    _run_lm_bench(
+        "Scaling: val loss vs non-embedding parameters",
+        as_json,
+        threads,
+        run_scaling,
+        plot_path=plot,
+        tokens=tokens,
+    )
+
+
 @app.command("ingest")
 def ingest_cmd(
     files: int = typer.Option(200, min=1, help="Generated text files (Gutenberg prose)."),

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from bench.scaling import SmallRun, bench_data, train_small
@@ -51,44 +52,43 @@ def decode_ms(
     cached: bool = True,
     step: Step | None = None,
     seed: int = 0,
-) -> tuple[dict[int, float], list[int]]:
+) -> tuple[dict[int, float], dict[int, list[int]]]:
     """Median milliseconds per greedy decode step, for steps that end at each context length in `positions`,
-    and the decoded token ids (equal with and without the cache: both paths compute the same thing).
+    and the token ids decoded at each (equal with and without the cache: both compute the same thing).
 
-    One sequence grows through the positions in order: random tokens fill it (untimed) up to
-    `p - warmup - new_tokens`, then warmup + new_tokens steps are timed and the warmup ones dropped.
-    cached=True keeps a KV cache and feeds one token per step (`step` may replace the model call,
-    e.g. a compiled one); cached=False is the baseline that recomputes the forward over the whole
-    sequence for every new token.
+    Each position gets its own sequence of random tokens (seeded by seed and position), filled (untimed) up to
+    `p - warmup - new_tokens`; then the positions take turns, one timed step each, so a change in the
+    load of a shared CPU hits every position alike. The first `warmup` steps are dropped.
+    cached=True keeps a KV cache per sequence and feeds one token per step (`step` may replace the
+    model call, e.g. a compiled one); cached=False is the baseline that recomputes the forward over
+    the whole sequence for every new token.
     """
     device = model.tok_emb.weight.device
-    gen = torch.Generator().manual_seed(seed)
-    positions = tuple(sorted(positions))
     span = warmup + new_tokens
-    if positions[0] <= span:
-        raise ValueError(f"positions must exceed warmup + new_tokens = {span}, got {positions[0]}")
-    cache = model.new_cache(1, positions[-1]) if cached else None
+    if min(positions) <= span:
+        raise ValueError(f"positions must exceed warmup + new_tokens = {span}, got {min(positions)}")
     step = step or _cached_step(model)
-    seq = torch.empty(1, 0, dtype=torch.long, device=device)
-    out, decoded = {}, []
+    seqs, caches = {}, {}
     for p in positions:
-        fill = torch.randint(0, model.config.vocab_size, (1, p - span - seq.size(1)), generator=gen)
-        seq = torch.cat([seq, fill.to(device)], dim=1)
-        if cache is not None:  # the cache holds all but the last token, which the first step feeds
-            for chunk in seq[:, cache.length : -1].split(PREFILL_CHUNK, dim=1):
-                model(chunk, cache=cache, last_only=True)
-        tok = seq[:, -1:]
-        times = []
-        for _ in range(span):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + p)
+        seqs[p] = torch.randint(0, model.config.vocab_size, (1, p - span), generator=gen).to(device)
+        if cached:  # the cache holds all but the last token, which the first step feeds
+            caches[p] = model.new_cache(1, p)
+            for chunk in seqs[p][:, :-1].split(PREFILL_CHUNK, dim=1):
+                model(chunk, cache=caches[p], last_only=True)
+    times: dict[int, list[float]] = {p: [] for p in positions}
+    decoded: dict[int, list[int]] = {p: [] for p in positions}
+    for _ in range(span):
+        for p in positions:
+            seq = seqs[p]
             t0 = time.perf_counter()
-            logits = step(tok, cache) if cache is not None else model(seq, last_only=True).logits
+            logits = step(seq[:, -1:], caches[p]) if cached else model(seq, last_only=True).logits
             tok = logits[:, -1].argmax(dim=-1, keepdim=True)
             _sync(device)
-            times.append(time.perf_counter() - t0)
-            seq = torch.cat([seq, tok], dim=1)
-            decoded.append(int(tok))
-        out[p] = 1e3 * statistics.median(times[warmup:])
-    return out, decoded
+            times[p].append(time.perf_counter() - t0)
+            seqs[p] = torch.cat([seq, tok], dim=1)
+            decoded[p].append(int(tok))
+    return {p: 1e3 * statistics.median(t[warmup:]) for p, t in times.items()}, decoded
 
 
 def new_model(config: ModelConfig, device: str | torch.device = "cpu", dtype=torch.float32) -> GPT:
@@ -103,14 +103,13 @@ def kv_cache_speedup(
     model = new_model(config)
     cached, cached_ids = decode_ms(model, contexts, new_tokens, warmup, cached=True)
     full, full_ids = decode_ms(model, contexts, new_tokens, warmup, cached=False)
-    same = cached_ids == full_ids
     return [
         {
             "context": c,
             "cached_ms": cached[c],
             "uncached_ms": full[c],
             "speedup": full[c] / cached[c],
-            "same_tokens": same,
+            "same_tokens": cached_ids[c] == full_ids[c],
         }
         for c in contexts
     ]
@@ -225,6 +224,7 @@ def compiled_decoding(
     compiled_step = torch.compile(_cached_step(model))
     compiled, compiled_ids = decode_ms(model, (position,), new_tokens, warmup=8, step=compiled_step)
     eager, compiled = eager[position], compiled[position]
+    eager_ids, compiled_ids = eager_ids[position], compiled_ids[position]
     return {
         "position": position,
         "eager_tok_per_s": 1e3 / eager,
@@ -276,21 +276,28 @@ EXTRAPOLATION_MODEL = {"n_layer": 3, "d_model": 96, "n_head": 4, "n_kv_head": 4}
 
 
 @torch.inference_mode()
-def perplexity(model: GPT, tokens: np.ndarray, length: int, n_tokens: int, batch_size: int = 8) -> float:
-    """exp(mean next-token loss) over non-overlapping windows of `length` covering the first n_tokens.
+def perplexity(
+    model: GPT, tokens: np.ndarray, length: int, n_tokens: int, last: int | None = None, batch_size: int = 8
+) -> float:
+    """exp(mean next-token loss) over non-overlapping windows of `length` covering the first n_tokens,
+    scoring every position of a window, or only its `last` positions.
 
-    Every length scores the same tokens; a longer window gives each token more context, so a model
-    that extrapolates gets the same or a lower perplexity as `length` grows past its training length.
+    Scoring all positions (as Press et al. do) compares lengths on the same tokens: a model that
+    extrapolates gets the same or a lower perplexity as `length` grows past its training length.
+    Scoring only the last positions isolates the ones beyond the training length.
     """
     n_windows = n_tokens // length
     if n_windows < 1 or len(tokens) < n_windows * length + 1:
         raise ValueError(f"need at least {length + 1} tokens for windows of {length}, have {len(tokens)}")
+    start = length - (last or length)
     ids = torch.from_numpy(np.asarray(tokens[: n_windows * length + 1], dtype=np.int64))
     x, y = ids[:-1].view(n_windows, length), ids[1:].view(n_windows, length)
-    total = 0.0
+    total, count = 0.0, 0
     for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
-        total += float(model(xb, targets=yb).ce_loss) * xb.numel()
-    return float(np.exp(total / x.numel()))
+        logits = model(xb).logits[:, start:].float()
+        total += float(F.cross_entropy(logits.flatten(0, 1), yb[:, start:].flatten(), reduction="sum"))
+        count += yb[:, start:].numel()
+    return float(np.exp(total / count))
 
 
 def run_extrapolation(
@@ -317,11 +324,15 @@ def run_extrapolation(
             model, _ = load_checkpoint(out)
             model.eval()
             row, note = {}, ""
-            for length in lengths:
+            columns = [(str(n), n, None) for n in lengths]
+            columns += [
+                (f"{n} last {run.block_size}", n, run.block_size) for n in lengths if n > run.block_size
+            ]
+            for name, length, last in columns:
                 try:
-                    row[str(length)] = perplexity(model, val, length, eval_tokens)
+                    row[name] = perplexity(model, val, length, eval_tokens, last)
                 except ValueError as e:  # learned positions past block_size: the model refuses
-                    row[str(length)], note = None, str(e)
+                    row[name], note = None, str(e)
             table.append({"pos": pos, **row, "note": note})
     return {
         "train_length": run.block_size,

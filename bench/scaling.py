@@ -10,7 +10,9 @@ length-extrapolation table.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -74,7 +76,8 @@ def train_small(data_dir: Path, overrides: dict, run: SmallRun, out_dir: Path) -
         seed=run.seed,
         device="cpu",
     )
-    return float(train_lm(cfg).val_loss)
+    with contextlib.redirect_stdout(sys.stderr):  # the loop prints eval lines; stdout is for --json
+        return float(train_lm(cfg).val_loss)
 
 
 def size_overrides(n_layer: int, d_model: int, n_head: int) -> dict:

@@ -32,11 +32,12 @@ def test_cached_and_uncached_decoding_produce_the_same_tokens():
         assert r["speedup"] == pytest.approx(r["uncached_ms"] / r["cached_ms"])
 
 
-def test_decode_ms_walks_one_sequence_through_the_positions():
+def test_decode_ms_keeps_one_independent_sequence_per_position():
     model = new_model(TINY)
-    ms, ids = decode_ms(model, (48, 20), new_tokens=2, warmup=1)  # any order: sorted inside
-    assert list(ms) == [20, 48] and len(ids) == 2 * 3
-    assert all(0 <= i < TINY.vocab_size for i in ids)
+    ms, ids = decode_ms(model, (20, 48), new_tokens=2, warmup=1)
+    assert sorted(ms) == [20, 48] and all(len(v) == 3 for v in ids.values())
+    _, alone = decode_ms(model, (48,), new_tokens=2, warmup=1)
+    assert alone[48] == ids[48]  # interleaving the positions' steps does not mix their caches
     with pytest.raises(ValueError, match="exceed warmup"):
         decode_ms(model, (3,), new_tokens=2, warmup=1)
 
@@ -53,7 +54,8 @@ def test_perplexity_of_an_untrained_model_is_near_uniform_and_learned_positions_
     rope = new_model(TINY)
     ppl = perplexity(rope, tokens, length=64, n_tokens=512)
     assert 0.7 * TINY.vocab_size < ppl < 1.3 * TINY.vocab_size  # random init: close to uniform
-    assert math.isfinite(perplexity(rope, tokens, length=128, n_tokens=512))  # rope has no length limit
+    assert perplexity(rope, tokens, 64, 512, last=64) == pytest.approx(ppl)  # last=length: every position
+    assert math.isfinite(perplexity(rope, tokens, 128, 512, last=64))  # rope has no length limit
     learned = new_model(ModelConfig(**{**TINY.to_dict(), "pos": "learned"}))
     with pytest.raises(ValueError, match="block_size"):
         perplexity(learned, tokens, length=128, n_tokens=512)
