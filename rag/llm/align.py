@@ -23,12 +23,16 @@ from rag.llm.model import IGNORE_INDEX as IGNORE
 from rag.llm.tokenizer import Tokenizer
 from rag.llm.train import TrainConfig, TrainResult, lm_loss, run, setup_runtime
 
-SFT_KEYS = ("prompt", "answer")
-DPO_KEYS = ("prompt", "chosen", "rejected")
+SFT_KEYS = ("answer",)
+DPO_KEYS = ("chosen", "rejected")
 
 
 def read_jsonl(path, keys: tuple[str, ...]) -> list[dict]:
-    """Rows of a JSONL file that must each hold the string fields `keys`; errors name the line."""
+    """Rows of a JSONL file, each with a prompt and the string fields `keys`; errors name the line.
+
+    The prompt is a string `prompt` or, for exact agreement with the reader's prompt template, a list
+    of token ids `prompt_ids` (then used as is, BOS included).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"JSONL file not found: {path}")
@@ -40,20 +44,37 @@ def read_jsonl(path, keys: tuple[str, ...]) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-        bad = [k for k in keys if not isinstance(row.get(k) if isinstance(row, dict) else None, str)]
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object")
+        bad = [k for k in keys if not isinstance(row.get(k), str)]
+        ids = row.get("prompt_ids")
+        if not isinstance(row.get("prompt"), str) and not (
+            isinstance(ids, list) and ids and all(isinstance(i, int) for i in ids)
+        ):
+            bad.insert(0, "prompt")
         if bad:
-            raise ValueError(f"{path}:{n}: needs string fields {list(keys)}; missing or not a string: {bad}")
+            raise ValueError(
+                f"{path}:{n}: needs a prompt (or prompt_ids) and {list(keys)}; bad or missing: {bad}"
+            )
         rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no examples")
     return rows
 
 
-def encode_pair(tokenizer: Tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """(BOS + prompt, response + EOS); markers such as <answer> in the prompt are meant as specials."""
-    return tokenizer.encode(prompt, add_bos=True, allow_special=True), tokenizer.encode(
-        response, add_eos=True
-    )
+def prompt_tokens(tokenizer: Tokenizer, row: dict) -> list[int]:
+    """`prompt_ids` as given, else BOS + `prompt`, whose <source>/<question>/<answer> markers are specials."""
+    ids = row.get("prompt_ids")
+    if ids is not None:
+        if min(ids) < 0 or max(ids) >= tokenizer.vocab_size:
+            raise ValueError(f"prompt_ids must be in [0, {tokenizer.vocab_size})")
+        return list(ids)
+    return tokenizer.encode(row["prompt"], add_bos=True, allow_special=True)
+
+
+def response_tokens(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A response ends with EOS, so the model learns where to stop."""
+    return tokenizer.encode(text, add_eos=True)
 
 
 def shift_and_mask(prompt: list[int], response: list[int]) -> tuple[list[int], list[int]]:
@@ -127,7 +148,7 @@ class SFTTask:
         self.tokenizer = tokenizer
         self.data = {
             split: _fit(
-                [encode_pair(tokenizer, r["prompt"], r["answer"]) for r in split_rows],
+                [(prompt_tokens(tokenizer, r), response_tokens(tokenizer, r["answer"])) for r in split_rows],
                 lambda pr: len(pr[0]) + len(pr[1]),
                 max_len,
                 split,
@@ -166,12 +187,8 @@ class DPOTask:
         self.reference = freeze(reference)
 
         def encode(r: dict) -> tuple:
-            prompt = tokenizer.encode(r["prompt"], add_bos=True, allow_special=True)
-            return (
-                prompt,
-                tokenizer.encode(r["chosen"], add_eos=True),
-                tokenizer.encode(r["rejected"], add_eos=True),
-            )
+            chosen, rejected = (response_tokens(tokenizer, r[k]) for k in DPO_KEYS)
+            return prompt_tokens(tokenizer, r), chosen, rejected
 
         def length(t: tuple) -> int:
             return len(t[0]) + max(len(t[1]), len(t[2]))

@@ -17,8 +17,9 @@ from rag.llm.align import (
     DPOTask,
     SFTTask,
     collate,
-    encode_pair,
+    prompt_tokens,
     read_jsonl,
+    response_tokens,
     sequence_logprobs,
     shift_and_mask,
 )
@@ -69,10 +70,12 @@ def answer_loss(model, tokenizer, rows) -> float:  # noqa: F811
 
 def test_sft_targets_cover_answer_tokens_only(tokenizer, start):  # noqa: F811
     row = toy_rows()[0]
-    prompt, answer = encode_pair(tokenizer, row["prompt"], row["answer"])
+    prompt, answer = prompt_tokens(tokenizer, row), response_tokens(tokenizer, row["answer"])
     assert prompt[0] == tokenizer.bos_id and answer[-1] == tokenizer.eos_id
     assert tokenizer.token_id("<answer>") in prompt  # the marker is the special token, not its characters
-    short = encode_pair(tokenizer, "<question> Who?\n<answer>", " The king.")
+    short_ids = [tokenizer.bos_id, tokenizer.token_id("<question>"), *tokenizer.encode(" Who?")]
+    short = prompt_tokens(tokenizer, {"prompt_ids": short_ids}), response_tokens(tokenizer, " The king.")
+    assert short[0] == short_ids  # exact ids from a template are used as given
     x, y = collate([(prompt, answer), short], tokenizer.pad_id)
     assert y[0][y[0] != IGNORE].tolist() == answer  # exactly the answer (with EOS) is supervised
     assert (y[0, : len(prompt) - 1] == IGNORE).all()
@@ -162,9 +165,15 @@ def test_dpo_cli_and_bad_jsonl(tmp_path, start):
     state = ckpt.load_train_state(out)
     assert state["step"] == 2 and state["config"]["beta"] == 0.2
 
-    data.write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n{"prompt": "p", "chosen": "c"}\n')
+    data.write_text(
+        '{"prompt_ids": [1, 5], "chosen": "c", "rejected": "r"}\n{"prompt": "p", "chosen": "c"}\n'
+    )
     with pytest.raises(ValueError, match=r"pairs.jsonl:2: .*rejected"):
-        read_jsonl(data, ("prompt", "chosen", "rejected"))
+        read_jsonl(data, ("chosen", "rejected"))
+    data.write_text('{"prompt_ids": [], "chosen": "c", "rejected": "r"}\n')
+    with pytest.raises(ValueError, match=r"pairs.jsonl:1: .*prompt"):
+        read_jsonl(data, ("chosen", "rejected"))
+    data.write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n{"prompt": "p", "chosen": "c"}\n')
     bad = CliRunner().invoke(
         app, ["dpo", "--data", str(data), "--init", str(start), "--out", str(tmp_path / "x")]
     )
