@@ -179,7 +179,7 @@ def lm(
     """Pretrain the decoder LM from scratch (DDP under torchrun)."""
     import torch.distributed as dist
 
-    from rag.llm.train import setup_runtime, train_lm
+    from rag.llm.train import setup_runtime, shutdown_runtime, train_lm
 
     given = dict(max_steps=max_steps, max_tokens=max_tokens, batch_size=batch_size, lr=lr, resume=resume)
     out = out or Path("runs") / f"lm-{preset}"
@@ -191,7 +191,10 @@ def lm(
         cfg.data_dir = str(_ensure_data(corpus, vocab, prepare=rt.main))  # rank 0 prepares, the rest wait
         if rt.ddp:
             dist.barrier()
-    _report(train_lm(cfg, rt), cfg.out_dir)
+    try:
+        _report(train_lm(cfg, rt), cfg.out_dir)
+    finally:
+        shutdown_runtime()
 
 
 Init = Annotated[Path, typer.Option("--init", help="Checkpoint to start from (e.g. runs/lm-default).")]
@@ -221,11 +224,15 @@ def _align_command(kind: str, doc: str) -> None:
         sets: Sets = None,
     ) -> None:
         from rag.llm.align import train_dpo, train_sft
+        from rag.llm.train import shutdown_runtime
 
         given = dict(max_steps=max_steps, batch_size=batch_size, lr=lr, resume=resume, device=device)
         paths = dict(data_dir=str(data), val_data=val_data and str(val_data), init_from=str(init))
         cfg = _config(preset, sets, out_dir=str(out or Path("runs") / f"{kind}-{preset}"), **paths, **given)
-        _report((train_sft if kind == "sft" else train_dpo)(cfg), cfg.out_dir)
+        try:
+            _report((train_sft if kind == "sft" else train_dpo)(cfg), cfg.out_dir)
+        finally:
+            shutdown_runtime()
 
     command.__doc__ = doc
     app.command(kind)(_friendly(command))

@@ -192,6 +192,12 @@ def setup_runtime(device: str = "auto") -> Runtime:
     return Runtime(dev, rank, local_rank, world_size)
 
 
+def shutdown_runtime() -> None:
+    """Leave the process group (torchrun entry points call this when training ends)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     choices = {
         "bfloat16": torch.bfloat16,
