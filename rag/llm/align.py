@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -131,7 +133,7 @@ def _split(rows: list, val_rows: list | None, val_fraction: float, seed: int) ->
     return {"train": [rows[i] for i in order[n_val:]], "val": [rows[i] for i in order[:n_val]]}
 
 
-def _fit(items: list, length: int, max_len: int, what: str) -> list:
+def _fit(items: list, length: Callable[[Any], int], max_len: int, what: str) -> list:
     """Drop examples longer than the context; a clear error if none is left."""
     kept = [it for it in items if length(it) <= max_len + 1]
     if not kept:
