@@ -436,7 +436,7 @@ class Store:
             doc_id, removed = self._upsert_document(path, fields)
             n = 0
             for chunks, vecs in batches:
-                vecs = np.asarray(vecs, dtype=np.float32)
+                vecs = np.ascontiguousarray(vecs, dtype=np.float32)
                 if vecs.shape != (len(chunks), self.dim):
                     raise StoreError(
                         f"expected vectors of shape ({len(chunks)}, {self.dim}), got {vecs.shape}"
