@@ -135,12 +135,14 @@ def ingest_cmd(
     rounds: int = typer.Option(2, min=1, help="Rounds of (embed-only, ingest), order alternating."),
     folder: Path | None = typer.Option(None, help="Ingest this folder instead of generated files."),
     profile: bool = typer.Option(False, help="Also run ingest once under cProfile; list the top functions."),
+    threads: int = typer.Option(2, min=1, help="Torch threads."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON value instead of tables."),
 ) -> None:
     """Ingest chunks/s vs the bare embedder's chunks/s on the same chunks (target ratio >= 0.9)."""
     from bench.ingest import run
 
-    _show("Ingest throughput vs embedder", run(files, words, rounds, folder, profile), as_json)
+    result = run(files, words, rounds, folder, profile, threads)
+    _show("Ingest throughput vs embedder", result, as_json)
 
 
 @app.command("search")

@@ -12,6 +12,7 @@ import pstats
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.data import BENCH_DIR, text_folder
@@ -37,19 +38,25 @@ def chunk_texts(folder: Path, settings: Settings, embedder: Embedder) -> list[st
     return texts
 
 
-def embed_only(embedder: Embedder, texts: list[str]) -> float:
-    """Seconds to embed `texts` in ingest-sized batches."""
-    t0 = time.perf_counter()
+def timed(fn: Callable[[], object]) -> tuple[float, float, object]:
+    """Wall and process-CPU seconds of one call. On a shared CPU, wall time includes waiting for a
+    core; the CPU-time ratio is steadier but leaves out time spent waiting on the disk (fsync)."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return time.perf_counter() - w0, time.process_time() - c0, out
+
+
+def embed_only(embedder: Embedder, texts: list[str]) -> None:
+    """Embed `texts` in ingest-sized batches."""
     for i in range(0, len(texts), BATCH_CHUNKS):
         embedder.encode(texts[i : i + BATCH_CHUNKS])
-    return time.perf_counter() - t0
 
 
-def ingest_once(folder: Path, embedder: Embedder, scratch: Path) -> tuple[float, int]:
-    """Seconds and chunks of one full ingest of `folder` into a new index under `scratch`."""
+def ingest_once(folder: Path, embedder: Embedder, scratch: Path) -> int:
+    """Chunks written by one full ingest of `folder` into a new index under `scratch`."""
     index = Path(tempfile.mkdtemp(dir=scratch))
     report = ingest([folder], Settings(index_dir=index), embedder=embedder, batch_chunks=BATCH_CHUNKS)
-    return report.seconds, report.chunks
+    return report.chunks
 
 
 def profile_ingest(folder: Path, embedder: Embedder, scratch: Path, top: int = 15) -> list[dict]:
@@ -66,9 +73,17 @@ def profile_ingest(folder: Path, embedder: Embedder, scratch: Path, top: int = 1
 
 
 def run(
-    files: int = 200, words: int = 400, rounds: int = 2, folder: Path | None = None, profile: bool = False
+    files: int = 200,
+    words: int = 400,
+    rounds: int = 2,
+    folder: Path | None = None,
+    profile: bool = False,
+    threads: int = 2,
 ) -> dict:
     """Ingest vs embed-only throughput over `rounds`; `folder` replaces the generated corpus."""
+    import torch
+
+    torch.set_num_threads(threads)
     if folder is None:
         folder = text_folder(BENCH_DIR / "ingest" / f"gutenberg-{files}x{words}w", files, words)
     elif not folder.is_dir():
@@ -82,20 +97,25 @@ def run(
     rows = []
     with tempfile.TemporaryDirectory(dir=BENCH_DIR) as scratch:
         for r in range(rounds):
-            if r % 2 == 0:
-                embed_s = embed_only(embedder, texts)
-                ingest_s, n = ingest_once(folder, embedder, Path(scratch))
-            else:
-                ingest_s, n = ingest_once(folder, embedder, Path(scratch))
-                embed_s = embed_only(embedder, texts)
+            runs = {
+                "embed": lambda: embed_only(embedder, texts),
+                "ingest": lambda: ingest_once(folder, embedder, Path(scratch)),
+            }
+            order = list(runs) if r % 2 == 0 else list(reversed(runs))
+            t = {name: timed(runs[name]) for name in order}
+            n = t["ingest"][2]
             if n != len(texts):
                 raise RuntimeError(f"ingest wrote {n} chunks, the chunker gave {len(texts)}")
+            (embed_s, embed_cpu, _), (ingest_s, ingest_cpu, _) = t["embed"], t["ingest"]
             rows.append(
                 {
                     "round": r + 1,
                     "embed_chunks_per_s": n / embed_s,
                     "ingest_chunks_per_s": n / ingest_s,
                     "ratio": embed_s / ingest_s,
+                    "embed_chunks_per_cpu_s": n / embed_cpu,
+                    "ingest_chunks_per_cpu_s": n / ingest_cpu,
+                    "cpu_ratio": embed_cpu / ingest_cpu,
                 }
             )
         profiled = profile_ingest(folder, embedder, Path(scratch)) if profile else []
@@ -103,8 +123,10 @@ def run(
         "corpus": str(folder),
         "files": len(find_files([folder])[0]),
         "chunks": len(texts),
+        "threads": threads,
         "rounds": rows,
         "median_ratio": statistics.median(r["ratio"] for r in rows),
+        "median_cpu_ratio": statistics.median(r["cpu_ratio"] for r in rows),
         "target_ratio": 0.9,
         **({"profile": profiled} if profile else {}),
     }
