@@ -40,6 +40,7 @@ def _show(title: str, result: dict, as_json: bool) -> None:
 def memory_cmd(
     files: int = typer.Option(10_000, min=0, help="Small text files (one short paragraph each); 0 skips."),
     pages: int = typer.Option(1_000, min=0, help="Pages of the generated PDF; 0 skips."),
+    baseline: bool = typer.Option(True, help="Also measure embedding the same chunks without ingest."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON value instead of tables."),
 ) -> None:
     """Peak RSS of ingest (in a subprocess) at 1/10 and full corpus size vs RSS after model load."""
@@ -48,7 +49,7 @@ def memory_cmd(
     from bench.memory import run
 
     with Console(stderr=True).status(f"ingesting {files} files and a {pages}-page PDF in subprocesses"):
-        rows = run(files, pages)
+        rows = run(files, pages, baseline)
     _show("Peak memory of ingest", {"runs": rows}, as_json)
 
 

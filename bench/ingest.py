@@ -25,11 +25,11 @@ from rag.ingest.loaders import SkipFile, load_document
 BATCH_CHUNKS = 256  # ingest()'s default: the baseline feeds the embedder batches of the same size
 
 
-def chunk_texts(folder: Path, settings: Settings, embedder: Embedder) -> list[str]:
+def chunk_texts(paths: list[Path], settings: Settings, embedder: Embedder) -> list[str]:
     """The chunks ingest() will embed, produced by the same loader and chunker."""
     chunker = Chunker(embedder.tokenizer, settings.chunk_tokens, settings.chunk_overlap)
     texts: list[str] = []
-    for path in find_files([folder])[0]:
+    for path in find_files(paths)[0]:
         try:
             doc = load_document(path, settings.max_file_bytes)
         except SkipFile:
@@ -89,7 +89,7 @@ def run(
     elif not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder")
     embedder = get_embedder(Settings().embedding_model)
-    texts = chunk_texts(folder, Settings(), embedder)
+    texts = chunk_texts([folder], Settings(), embedder)
     if not texts:
         raise ValueError(f"no indexable text under {folder}")
     embedder.encode(texts[:BATCH_CHUNKS])  # warm-up: first calls allocate

@@ -32,8 +32,10 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def child(index_dir: Path, paths: list[Path]) -> None:
-    """Runs in the subprocess: load + warm the model, say so, ingest, report (JSON lines on stdout)."""
+def child(mode: str, index_dir: Path, paths: list[Path]) -> None:
+    """Runs in the subprocess: load + warm the model, say so, then either ingest `paths` or (mode
+    "embed", the baseline) only embed their chunks; report as JSON lines on stdout."""
+    from bench.ingest import BATCH_CHUNKS, chunk_texts, embed_only
     from rag.config import Settings
     from rag.embed import get_embedder
     from rag.ingest.job import ingest
@@ -41,10 +43,15 @@ def child(index_dir: Path, paths: list[Path]) -> None:
     settings = Settings(index_dir=index_dir)
     embedder = get_embedder(settings.embedding_model, settings.device)
     embedder.encode(passages(settings.embedding_batch_size, 150))  # first batch allocates buffers
+    texts = chunk_texts(paths, settings, embedder) if mode == "embed" else []
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS (Linux >= 4.0)
     print(json.dumps({"event": "model", "rss": _rss()}), flush=True)
-    report = ingest(paths, settings, embedder=embedder)
-    print(json.dumps({"event": "done", "rss": _rss(), "hwm": _hwm(), "report": report.to_dict()}))
+    if mode == "embed":
+        embed_only(embedder, texts)
+        chunks = len(texts)
+    else:
+        chunks = ingest(paths, settings, embedder=embedder, batch_chunks=BATCH_CHUNKS).chunks
+    print(json.dumps({"event": "done", "rss": _rss(), "hwm": _hwm(), "chunks": chunks}))
 
 
 def _hwm() -> int:
@@ -53,11 +60,11 @@ def _hwm() -> int:
     return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
 
 
-def measure(paths: list[Path], label: str, size: int) -> dict:
-    """Ingest `paths` into a fresh temporary index in a child process; RSS numbers in MB."""
+def measure(paths: list[Path], label: str, size: int, mode: str = "ingest") -> dict:
+    """Ingest (or only embed) `paths` in a child process, into a fresh temporary index; RSS in MB."""
     BENCH_DIR.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=BENCH_DIR) as tmp:
-        cmd = [sys.executable, "-m", "bench.memory", str(Path(tmp) / "index"), *map(str, paths)]
+        cmd = [sys.executable, "-m", "bench.memory", mode, str(Path(tmp) / "index"), *map(str, paths)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
         events: dict[str, dict] = {}
         reader = threading.Thread(target=_read_events, args=(proc, events), daemon=True)
@@ -81,9 +88,10 @@ def measure(paths: list[Path], label: str, size: int) -> dict:
     peak = max(peak_ingest, done["hwm"])
     return {
         "corpus": label,
+        "run": mode,
         "size": size,
         "disk_mb": sum(_size(p) for p in paths) / MB,
-        "chunks": done["report"]["chunks"],
+        "chunks": done["chunks"],
         "seconds": time.perf_counter() - t0,
         "rss_model_mb": model_rss / MB,
         "peak_rss_mb": peak / MB,
@@ -106,8 +114,11 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def run(files: int, pages: int, words_per_file: int = 60, words_per_page: int = 250) -> list[dict]:
-    """Each corpus at 1/10 and full size, so growth of peak RSS with corpus size is visible.
+def run(
+    files: int, pages: int, baseline: bool = True, words_per_file: int = 60, words_per_page: int = 250
+) -> list[dict]:
+    """Each corpus at 1/10 and full size, so growth of peak RSS with corpus size is visible; with
+    `baseline`, also embed the same chunks without ingest (the embedder's own peak, for the ratio).
     A size of 0 skips that corpus; each result also goes to stderr as soon as it is measured."""
     root = BENCH_DIR / "memory"
     jobs = [
@@ -125,10 +136,11 @@ def run(files: int, pages: int, words_per_file: int = 60, words_per_page: int = 
     results = []
     for make, label, full in jobs:
         for n in sorted({max(1, full // 10), full}) if full else []:
-            results.append(measure(make(n), label, n))
-            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+            for mode in ("ingest", "embed") if baseline else ("ingest",):
+                results.append(measure(make(n), label, n, mode))
+                print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     return results
 
 
 if __name__ == "__main__":
-    child(Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]])
+    child(sys.argv[1], Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]])
