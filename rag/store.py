@@ -43,6 +43,7 @@ MANIFEST_NAME = "manifest.json"
 BM25_PREFIX = "bm25-"  # + generation: one directory per snapshot (bm25s writes several files)
 TMP_PREFIX = ".tmp-"  # + pid: leftovers of a killed writer are removed by the next one
 SQL_BATCH = 500  # ids per `IN (...)` query, well under SQLite's variable limit
+BM25_REBUILD_SHARE = 0.1  # refresh() during a long ingest spends at most ~this share of time on BM25
 
 SCHEMA = [
     "CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -165,6 +166,8 @@ class Store:
         self._bm25: bm25s.BM25 | None = None
         self._bm25_ids: np.ndarray | None = None  # row i of the BM25 matrix is chunk _bm25_ids[i]
         self._bm25_gen = -1
+        self._bm25_alive: np.ndarray | None = None  # rows not deleted since, while BM25 lags FAISS
+        self._bm25_cost, self._bm25_built_at = 0.0, -np.inf
         self._load_snapshot()
         if not readonly:
             self._remove_dead_temps()
@@ -247,8 +250,11 @@ class Store:
             pass
         self._sync()
 
-    def _sync(self) -> None:
-        """Bring FAISS and BM25 to SQLite's newest committed state, both from ONE read transaction."""
+    def _sync(self, exact: bool = True) -> None:
+        """Bring FAISS and BM25 to SQLite's newest committed state, both from ONE read transaction.
+
+        With `exact=False` a BM25 rebuild that is not due yet (see `refresh`) is put off.
+        """
         with self._lock, self._txn(write=False):
             gen = self._db_gen()
             if gen == self.gen and gen == self._bm25_gen:
@@ -256,8 +262,12 @@ class Store:
             ids = self._chunk_ids()
             if gen != self.gen:
                 self._sync_faiss(ids)
-            self._sync_bm25(ids)
-            self.gen = self._bm25_gen = gen
+                self.gen = gen
+            due = time.monotonic() - self._bm25_built_at >= self._bm25_cost / BM25_REBUILD_SHARE
+            if self._sync_bm25(ids, rebuild=exact or due):
+                self._bm25_gen, self._bm25_alive = gen, None
+            else:
+                self._bm25_alive = np.isin(self._bm25_ids, ids)
 
     def _faiss_ids(self) -> np.ndarray:
         self._apply_removals()
@@ -285,19 +295,26 @@ class Store:
             self._index.remove_ids(np.concatenate(self._pending_removals))
             self._pending_removals = []
 
-    def _sync_bm25(self, ids: np.ndarray) -> None:
-        """Keep, load or rebuild BM25 so that it covers exactly `ids` (bm25s cannot add incrementally)."""
+    def _sync_bm25(self, ids: np.ndarray, rebuild: bool) -> bool:
+        """Keep, load or (if `rebuild`) rebuild BM25 to cover exactly `ids`; False if it could not.
+        bm25s cannot add documents, so a rebuild reads every chunk: the one costly step here."""
         if self._bm25_ids is not None and np.array_equal(self._bm25_ids, ids):
-            return
+            return True
         for snap in self._bm25_snapshots()[:2]:
             try:
                 if np.array_equal(np.load(snap / "chunk_ids.npy"), ids):
                     self._bm25 = bm25s.BM25.load(snap, show_progress=False) if len(ids) else None
                     self._bm25_ids = ids
-                    return
+                    return True
             except (OSError, ValueError, KeyError):  # removed by a newer writer while we looked: rebuild
                 continue
+        if not rebuild:
+            return False
+        t0 = time.monotonic()
         self._bm25, self._bm25_ids = self._build_bm25()
+        self._bm25_built_at = time.monotonic()
+        self._bm25_cost = self._bm25_built_at - t0
+        return True
 
     def _build_bm25(self) -> tuple[bm25s.BM25 | None, np.ndarray]:
         vocab: dict[str, int] = {}
@@ -325,8 +342,14 @@ class Store:
             return {}
 
     def refresh(self) -> None:
-        """See the latest state committed by another process (cheap when nothing changed)."""
-        self._sync()
+        """See the latest state committed by another process (one query when nothing changed).
+
+        FAISS always catches up. BM25 catches up from a writer's snapshot when one matches, else
+        by a rebuild, but a process calling this per request during a long ingest rebuilds at
+        most ~BM25_REBUILD_SHARE of its time; until then lexical hits come from the previous
+        committed state, minus chunks deleted since. Opening and `verify()` are always exact.
+        """
+        self._sync(exact=False)
 
     # ---- snapshots ---------------------------------------------------------------------------
 
@@ -529,7 +552,7 @@ class Store:
     def bm25_search(self, query: str, k: int) -> list[tuple[int, float]]:
         """Top-k chunks by BM25 over `bm25_tokenize`; chunks sharing no word with the query are left out."""
         with self._lock:
-            if self._bm25_gen != self.gen:  # a writer's BM25 is rebuilt lazily after its own writes
+            if not self.readonly and self._bm25_gen != self.gen:  # stale after our own writes
                 self._sync()
             if self._bm25 is None or k <= 0:
                 return []
@@ -538,6 +561,8 @@ class Store:
             if not tok_ids:
                 return []
             scores = self._bm25.get_scores_from_ids(tok_ids)
+            if self._bm25_alive is not None:
+                scores = np.where(self._bm25_alive, scores, 0.0)
             ids = self._bm25_ids
         k = min(k, len(scores))
         top = np.argpartition(-scores, k - 1)[:k]
@@ -590,6 +615,7 @@ class Store:
             "dim": self.dim,
             "generation": gen,
             "snapshot_generation": self._manifest().get("generation"),
+            "bm25_generation": self._bm25_gen,  # < generation while refresh() puts off a rebuild
         }
 
     def verify(self) -> None:

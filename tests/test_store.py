@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 import unicodedata
 from pathlib import Path
 
@@ -151,6 +152,26 @@ def test_reader_sees_committed_state_until_refresh(tmp_path, store):
     assert len(reader.bm25_search("apple", 5)) == 1  # its last committed view, not a torn one
     reader.refresh()
     assert len(reader.bm25_search("apple", 5)) == 2
+    reader.verify()
+    reader.close()
+
+
+def test_refresh_puts_off_costly_bm25_rebuilds_but_never_returns_deleted_chunks(tmp_path, store):
+    a, _ = put(store, "/a", "apple one")
+    put(store, "/b", "apple two")
+    store.save()
+    reader = Store(tmp_path / "index", readonly=True)
+    # as if its last rebuild had just taken ages (a huge index): refresh() must not start another
+    reader._bm25_cost, reader._bm25_built_at = 1e9, time.monotonic()
+    store.delete_document(a.id, persist=False)
+    _, vc = put(store, "/c", "apple three")
+    reader.refresh()
+    assert reader.hits(reader.dense_search(vc[0], 1))[0].path == "/c"  # FAISS is always exact
+    assert [h.path for h in reader.hits(reader.bm25_search("apple", 5))] == ["/b"]  # older state, minus /a
+    assert reader.stats()["bm25_generation"] < reader.stats()["generation"]
+    store.save()  # the writer's next snapshot is cheap to load: BM25 catches up
+    reader.refresh()
+    assert sorted(h.path for h in reader.hits(reader.bm25_search("apple", 5))) == ["/b", "/c"]
     reader.verify()
     reader.close()
 

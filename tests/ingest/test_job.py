@@ -250,8 +250,9 @@ def test_readers_keep_searching_committed_chunks_during_ingest(tmp_path, embedde
             reader.refresh()
             dense = reader.dense_search(query, 100)
             lexical = reader.bm25_search("shared", 100)
-            # one chunk per file, each with "shared": both see exactly the same committed chunks
-            assert sorted(c for c, _ in dense) == sorted(c for c, _ in lexical)
+            # one chunk per file, each with "shared": BM25 sees the same committed chunks as FAISS,
+            # or (while refresh() puts off a rebuild) those of an earlier committed state
+            assert {c for c, _ in lexical} <= {c for c, _ in dense}
             assert len(reader.hits(dense)) == len(dense)  # every id resolves to a committed chunk
             seen.add(len(dense))
             time.sleep(0.05)
