@@ -423,7 +423,7 @@ class Store:
             if gen == self.gen:
                 self.gen = gen + 1
             else:  # another process wrote since our last look: a full diff catches both
-                self._sync()
+                self._sync(exact=False)
             return doc_id
 
     def _record(self, doc_id: int) -> DocRecord:

@@ -30,7 +30,7 @@ from rag.embed import Embedder, get_embedder
 from rag.ingest.chunker import Chunker
 from rag.ingest.loaders import SkipFile, load_document
 from rag.store import FileMeta, Store, StoreError
-from rag.types import Chunk
+from rag.types import Chunk, Document
 
 # Test hook: seconds to sleep after loading each file that needs embedding, so that a test's
 # `kill -9` lands mid-ingest deterministically. Every code path stays the real one.
@@ -166,9 +166,7 @@ class _Job:
                     self._done(key)
                     return
             doc = load_document(path, self.max_bytes)
-            chunks = self.chunker.chunk_document(doc)
-            if not chunks:
-                raise SkipFile("no text to index")
+            chunks = self._chunk(doc)
         except SkipFile as exc:
             self._skip(key, str(exc), meta)
             return
@@ -185,6 +183,15 @@ class _Job:
             self.pending.append(item)
             if sum(len(p.chunks) for p in self.pending) >= self.batch_chunks:
                 self.flush()
+
+    def _chunk(self, doc: Document) -> list[Chunk]:
+        try:
+            chunks = self.chunker.chunk_document(doc)
+        except Exception as exc:  # a chunker bug on odd text: lose the file, not the run
+            raise SkipFile(f"cannot chunk: {type(exc).__name__}: {exc}") from exc
+        if not chunks:
+            raise SkipFile("no text to index")
+        return chunks
 
     def _encode(self, chunks: Sequence[Chunk]) -> np.ndarray:
         try:
