@@ -199,7 +199,7 @@ def test_kill9_at_any_moment_then_rerun_equals_clean_ingest(tmp_path, embedder):
     # Kill when some documents are committed, plus a small delay so kills also land inside
     # embedding calls, transactions and snapshot writes; each run resumes the previous one.
     for kill_at, delay in [(6, 0.0), (18, 0.11), (30, 0.047)]:
-        proc = start_ingest(folder, index_dir, slowdown=0.04)
+        proc = start_ingest(folder, index_dir, slowdown=0.06)
         deadline = time.monotonic() + 120
         while indexed_count(index_dir) < kill_at:
             assert proc.poll() is None, (
