@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
 import unicodedata
 from pathlib import Path
@@ -11,7 +14,16 @@ import faiss
 import numpy as np
 import pytest
 
-from rag.store import DB_NAME, FAISS_NAME, FileMeta, ModelMismatch, Store, StoreError, bm25_tokenize
+from rag.store import (
+    DB_NAME,
+    FAISS_NAME,
+    TMP_PREFIX,
+    FileMeta,
+    ModelMismatch,
+    Store,
+    StoreError,
+    bm25_tokenize,
+)
 from rag.types import Chunk
 
 DIM = 8
@@ -250,3 +262,45 @@ def test_multilingual_bm25_search(store):
     for query, path in [("hlavní MĚSTO", "/cs"), ("столицею", "/uk"), ("the capital", "/en")]:
         assert store.hits(store.bm25_search(query, 1))[0].path == path
     assert store.bm25_search("!!!", 3) == [] and store.bm25_search("unknownword", 3) == []
+
+
+# A writer that replaces documents and snapshots in a loop: most of its time is spent in save(),
+# so most kills land mid-snapshot (temp files, fsyncs, renames, manifest), the rest mid-commit.
+WRITER = """
+import sys, numpy as np
+from rag.store import FileMeta, Store
+from rag.types import Chunk
+store, rng, i = Store(sys.argv[1], "test-model", 8), np.random.default_rng(int(sys.argv[2])), 0
+while True:
+    vecs = rng.normal(size=(50, 8)).astype("float32")
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    chunks = [Chunk(1, 0, 9, f"doc{i} word{j} filler") for j in range(50)]
+    store.put_document(f"/doc{i % 40}", title=str(i), meta=FileMeta(str(i)), batches=[(chunks, vecs)])
+    store.save()
+    i += 1
+    print(i, flush=True)
+"""
+
+
+def test_kill9_during_snapshot_writes_leaves_a_loadable_index(tmp_path):
+    index_dir = tmp_path / "index"
+    rng = np.random.default_rng(1)
+    for round_ in range(4):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(index_dir), str(round_)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(3):  # a few documents committed and snapshotted
+            assert proc.stdout.readline(), "writer died"
+        time.sleep(rng.uniform(0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        with Store(index_dir, readonly=True) as ro:  # whatever the kill interrupted
+            ro.verify()
+            n = ro.stats()["documents"]
+            assert ro.stats()["chunks"] == 50 * n and n > 0
+            newest = max(ro.documents(), key=lambda d: int(d.title))
+            assert {h.doc_id for h in ro.hits(ro.bm25_search(f"doc{newest.title}", 100))} == {newest.id}
+    with Store(index_dir, "test-model", DIM) as rw:  # the next writer cleans up and re-snapshots
+        rw.verify()
+        assert rw.stats()["snapshot_generation"] == rw.stats()["generation"]
+    assert not list(index_dir.glob(TMP_PREFIX + "*"))
