@@ -156,27 +156,27 @@ def test_model_mismatch_and_bad_opens(tmp_path, store):
         Store(tmp_path / "junk", readonly=True)
 
 
-def test_reader_sees_committed_state_until_refresh(tmp_path, store):
-    put(store, "/a", "first apple")
+def snapshot_two(store: Store):
+    """/a and /b, committed and snapshotted."""
+    a, _ = put(store, "/a", "apple alpha")
+    put(store, "/b", "apple beta")
     store.save()
-    reader = Store(tmp_path / "index", readonly=True)
-    put(store, "/b", "second apple")
-    assert len(reader.bm25_search("apple", 5)) == 1  # its last committed view, not a torn one
-    reader.refresh()
-    assert len(reader.bm25_search("apple", 5)) == 2
-    reader.verify()
-    reader.close()
+    return a
 
 
-def test_refresh_puts_off_costly_bm25_rebuilds_but_never_returns_deleted_chunks(tmp_path, store):
-    a, _ = put(store, "/a", "apple one")
-    put(store, "/b", "apple two")
-    store.save()
+def change_without_snapshot(store: Store, a) -> np.ndarray:
+    """What a kill before the next snapshot leaves: /a deleted and /c added in SQLite only."""
+    store.delete_document(a.id, persist=False)
+    return put(store, "/c", "apple gamma")[1]
+
+
+def test_reader_keeps_its_committed_state_until_refresh(tmp_path, store):
+    a = snapshot_two(store)
     reader = Store(tmp_path / "index", readonly=True)
+    vc = change_without_snapshot(store, a)
+    assert len(reader.bm25_search("apple", 5)) == 2 and reader.dense_search(vc[0], 1)[0][1] < 0.999
     # as if its last rebuild had just taken ages (a huge index): refresh() must not start another
     reader._bm25_cost, reader._bm25_built_at = 1e9, time.monotonic()
-    store.delete_document(a.id, persist=False)
-    _, vc = put(store, "/c", "apple three")
     reader.refresh()
     assert reader.hits(reader.dense_search(vc[0], 1))[0].path == "/c"  # FAISS is always exact
     assert [h.path for h in reader.hits(reader.bm25_search("apple", 5))] == ["/b"]  # older state, minus /a
@@ -190,11 +190,7 @@ def test_refresh_puts_off_costly_bm25_rebuilds_but_never_returns_deleted_chunks(
 
 def test_open_repairs_stale_or_broken_snapshots(tmp_path, store):
     """What a kill between a commit and the next snapshot leaves: SQLite ahead of the files."""
-    a, _ = put(store, "/a", "alpha")
-    put(store, "/b", "beta")
-    store.save()
-    put(store, "/c", "gamma")  # committed, never snapshotted
-    store.delete_document(a.id, persist=False)
+    change_without_snapshot(store, snapshot_two(store))
     snapshot_gen = store.stats()["snapshot_generation"]
     store.close()
     with Store(tmp_path / "index", readonly=True) as ro:  # readers repair in memory only
