@@ -111,7 +111,7 @@ def extrapolation_cmd(
 
 @app.command("scaling")
 def scaling_cmd(
-    tokens: int = typer.Option(400_000, min=10_000, help="Training tokens per model (same for all)."),
+    tokens: int = typer.Option(600_000, min=10_000, help="Training tokens per model (same for all)."),
     plot: str = typer.Option("docs/img/scaling.png", help="Where to save the PNG of points and fit."),
     threads: int = typer.Option(1, min=1, help=THREADS_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),

@@ -277,27 +277,36 @@ EXTRAPOLATION_MODEL = {"n_layer": 3, "d_model": 96, "n_head": 4, "n_kv_head": 4}
 
 @torch.inference_mode()
 def perplexity(
-    model: GPT, tokens: np.ndarray, length: int, n_tokens: int, last: int | None = None, batch_size: int = 8
+    model: GPT,
+    tokens: np.ndarray,
+    length: int,
+    n_tokens: int,
+    *,
+    last: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
 ) -> float:
-    """exp(mean next-token loss) over non-overlapping windows of `length` covering the first n_tokens,
-    scoring every position of a window, or only its `last` positions.
+    """exp(mean next-token loss) of the `last` positions of windows of `length` tokens that end every
+    `stride` tokens over the first n_tokens (defaults: every position of non-overlapping windows).
 
-    Scoring all positions (as Press et al. do) compares lengths on the same tokens: a model that
-    extrapolates gets the same or a lower perplexity as `length` grows past its training length.
-    Scoring only the last positions isolates the ones beyond the training length.
+    The default is Press et al.'s non-overlapping evaluation, the same tokens at every length.
+    With a fixed stride and `last`, every length scores the same final `last` tokens of each stride
+    and only the context before them grows, so a model that extrapolates gets the same or a lower
+    perplexity as `length` goes past its training length, and one that does not gets a higher one.
     """
-    n_windows = n_tokens // length
-    if n_windows < 1 or len(tokens) < n_windows * length + 1:
-        raise ValueError(f"need at least {length + 1} tokens for windows of {length}, have {len(tokens)}")
-    start = length - (last or length)
-    ids = torch.from_numpy(np.asarray(tokens[: n_windows * length + 1], dtype=np.int64))
-    x, y = ids[:-1].view(n_windows, length), ids[1:].view(n_windows, length)
-    total, count = 0.0, 0
-    for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
-        logits = model(xb).logits[:, start:].float()
-        total += float(F.cross_entropy(logits.flatten(0, 1), yb[:, start:].flatten(), reduction="sum"))
-        count += yb[:, start:].numel()
-    return float(np.exp(total / count))
+    stride, last = stride or length, last or length
+    if not last <= length <= stride:
+        raise ValueError(f"need last <= length <= stride, got {last}, {length}, {stride}")
+    n_windows = n_tokens // stride
+    if n_windows < 1 or len(tokens) < n_windows * stride + 1:
+        raise ValueError(f"need at least {stride + 1} tokens for windows of {length}, have {len(tokens)}")
+    starts = np.arange(1, n_windows + 1) * stride - length
+    ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64)[starts[:, None] + np.arange(length + 1)])
+    total = 0.0
+    for rows in ids.split(batch_size):
+        logits = model(rows[:, :-1]).logits[:, -last:].float()
+        total += float(F.cross_entropy(logits.flatten(0, 1), rows[:, -last:].flatten(), reduction="sum"))
+    return float(np.exp(total / (n_windows * last)))
 
 
 def run_extrapolation(
@@ -324,13 +333,14 @@ def run_extrapolation(
             model, _ = load_checkpoint(out)
             model.eval()
             row, note = {}, ""
-            columns = [(str(n), n, None) for n in lengths]
-            columns += [
-                (f"{n} last {run.block_size}", n, run.block_size) for n in lengths if n > run.block_size
-            ]
-            for name, length, last in columns:
+            # all positions of non-overlapping windows; then the same final block of every
+            # max(lengths) tokens, read with a growing window before it
+            block, stride = run.block_size, max(lengths)
+            columns = [(str(n), n, {}) for n in lengths]
+            columns += [(f"last {block} of {n}", n, {"last": block, "stride": stride}) for n in lengths]
+            for name, length, how in columns:
                 try:
-                    row[name] = perplexity(model, val, length, eval_tokens, last)
+                    row[name] = perplexity(model, val, length, eval_tokens, **how)
                 except ValueError as e:  # learned positions past block_size: the model refuses
                     row[name], note = None, str(e)
             table.append({"pos": pos, **row, "note": note})

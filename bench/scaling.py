@@ -23,7 +23,7 @@ import numpy as np
 BENCH_CORPUS = "wikitext-2"
 BENCH_VOCAB = 1024  # small: the output layer would otherwise dominate the tiny models' compute
 
-# (n_layer, d_model, n_head): about 33K to 1.1M non-embedding parameters.
+# (n_layer, d_model, n_head): 33K to 1.3M non-embedding parameters.
 SCALING_SIZES: tuple[tuple[int, int, int], ...] = (
     (2, 32, 2),
     (2, 64, 4),
@@ -38,7 +38,7 @@ class SmallRun:
     """Hyper-parameters shared by every small benchmark run (only the model differs between runs)."""
 
     block_size: int = 128
-    tokens: int = 400_000
+    tokens: int = 600_000
     batch_size: int = 16
     lr: float = 2e-3
     warmup_steps: int = 20
@@ -155,7 +155,7 @@ def plot_scaling(n: list[int], loss: list[float], fit: PowerLaw, path: Path, tit
 
 def run_scaling(
     plot_path: str | Path,
-    tokens: int = 400_000,
+    tokens: int = 600_000,
     sizes: tuple[tuple[int, int, int], ...] = SCALING_SIZES,
     corpus: str = BENCH_CORPUS,
     progress: Callable[[str], None] = print,

@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from bench.cli import app
@@ -54,8 +56,17 @@ def test_perplexity_of_an_untrained_model_is_near_uniform_and_learned_positions_
     rope = new_model(TINY)
     ppl = perplexity(rope, tokens, length=64, n_tokens=512)
     assert 0.7 * TINY.vocab_size < ppl < 1.3 * TINY.vocab_size  # random init: close to uniform
-    assert perplexity(rope, tokens, 64, 512, last=64) == pytest.approx(ppl)  # last=length: every position
-    assert math.isfinite(perplexity(rope, tokens, 128, 512, last=64))  # rope has no length limit
+    assert perplexity(rope, tokens, 64, 512, last=64, stride=64) == pytest.approx(ppl)  # the defaults
+    assert math.isfinite(perplexity(rope, tokens, 128, 512))  # rope has no length limit
+    # Windows of 32 ending at 64 and 128; only their last 8 positions are scored.
+    x = torch.tensor(np.stack([tokens[32:64], tokens[96:128]]), dtype=torch.long)
+    y = torch.tensor(np.stack([tokens[33:65], tokens[97:129]]), dtype=torch.long)
+    with torch.inference_mode():
+        logits = rope(x).logits[:, -8:]
+    expected = math.exp(float(F.cross_entropy(logits.flatten(0, 1), y[:, -8:].flatten())))
+    assert perplexity(rope, tokens, 32, 128, last=8, stride=64) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="last <= length <= stride"):
+        perplexity(rope, tokens, 128, 512, last=16, stride=64)
     learned = new_model(ModelConfig(**{**TINY.to_dict(), "pos": "learned"}))
     with pytest.raises(ValueError, match="block_size"):
         perplexity(learned, tokens, length=128, n_tokens=512)
