@@ -82,7 +82,13 @@ def decode_ms(
         for p in positions:
             seq = seqs[p]
             t0 = time.perf_counter()
-            logits = step(seq[:, -1:], caches[p]) if cached else model(seq, last_only=True).logits
+            # a fresh (1, 1) tensor: a slice of the growing sequence would change strides every
+            # step, and torch.compile would recompile for each new stride
+            logits = (
+                step(seq[:, -1:].clone(memory_format=torch.contiguous_format), caches[p])
+                if cached
+                else model(seq, last_only=True).logits
+            )
             tok = logits[:, -1].argmax(dim=-1, keepdim=True)
             _sync(device)
             times[p].append(time.perf_counter() - t0)
