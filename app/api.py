@@ -21,7 +21,7 @@ from rag.config import Settings, get_settings
 from rag.embed import get_embedder
 from rag.ingest.job import ingest
 from rag.retrieve import MODES, Retriever
-from rag.store import Store, StoreError
+from rag.store import IndexBusy, Store, StoreError
 
 MAX_QUERY_CHARS = 2000
 MAX_PATHS = 100
@@ -92,7 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @api.exception_handler(StoreError)
     async def store_error(_: Request, exc: StoreError) -> JSONResponse:
         # A missing index or another ingest running are conditions of the server, not crashes.
-        status = 409 if "another ingest" in str(exc) else 503
+        status = 409 if isinstance(exc, IndexBusy) else 503
         return JSONResponse(status_code=status, content={"detail": str(exc)})
 
     @api.exception_handler(RequestValidationError)

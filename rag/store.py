@@ -65,6 +65,10 @@ class StoreError(Exception):
     """The index cannot be opened or used as asked; the message says why and what to do."""
 
 
+class IndexBusy(StoreError):
+    """Another ingest holds the index's write lock (readers are never refused)."""
+
+
 class ModelMismatch(StoreError):
     """The index was built with another embedding model: its vectors are not comparable."""
 

@@ -29,7 +29,7 @@ from rag.config import Settings, get_settings
 from rag.embed import Embedder, get_embedder
 from rag.ingest.chunker import Chunker
 from rag.ingest.loaders import SkipFile, load_document
-from rag.store import FileMeta, Store, StoreError
+from rag.store import FileMeta, IndexBusy, Store
 from rag.types import Chunk, Document
 
 # Test hook: seconds to sleep after loading each file that needs embedding, so that a test's
@@ -99,7 +99,7 @@ def ingest_lock(index_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise StoreError(f"another ingest is writing to {index_dir}; wait for it to finish") from None
+            raise IndexBusy(f"another ingest is writing to {index_dir}; wait for it to finish") from None
         yield  # the lock goes with the file descriptor, also when the process is killed
 
 
