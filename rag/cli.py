@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -58,7 +59,7 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except (UserError, StoreError, OSError, ValueError) as exc:
-            err_console.print(f"[bold red]Error:[/] {exc}", highlight=False)
+            err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -148,7 +149,7 @@ def ingest_cmd(
     if report.skipped:
         table = Table("file", "reason", title="Skipped files", title_justify="left")
         for path, reason in report.skipped:
-            table.add_row(str(path), reason)
+            table.add_row(escape(str(path)), escape(reason))
         console.print(table)
 
 
@@ -166,17 +167,17 @@ def search_cmd(
 ) -> None:
     """Find the chunks most relevant to QUERY."""
     settings = settings_for(index)
-    store = open_store(settings)
-    hits = Retriever(store, get_embedder(settings.embedding_model, settings.device)).search(
-        query, k, mode, mmr
-    )
+    with open_store(settings) as store:
+        embedder = get_embedder(settings.embedding_model, settings.device)
+        hits = Retriever(store, embedder).search(query, k, mode, mmr)
     if as_json:
         return emit_json([h.to_dict() for h in hits])
     if not hits:
         console.print("No results.")
     for rank, h in enumerate(hits, start=1):
         console.print(
-            f"[bold]{rank}.[/] [cyan]{h.title}[/] [dim]{h.path} p.{h.page} [{h.start}:{h.end}] "
+            f"[bold]{rank}.[/] [cyan]{escape(h.title)}[/] [dim]{escape(h.path)} p.{h.page} "
+            f"\\[{h.start}:{h.end}] "
             f"score {h.score:.4f}[/]",
             highlight=False,
         )
@@ -188,13 +189,15 @@ def search_cmd(
 @user_errors
 def docs_cmd(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
     """List indexed documents with their status, chunk count and error."""
-    docs = open_store(settings_for(index), check_model=False).documents()
+    with open_store(settings_for(index), check_model=False) as store:
+        docs = store.documents()
     if as_json:
         return emit_json([d.to_dict() for d in docs])
     table = Table("id", "path", "title", "status", "chunks", "error")
     for d in docs:
         style = "red" if d.error else None
-        table.add_row(str(d.id), d.path, d.title, d.status, str(d.n_chunks), d.error or "", style=style)
+        cells = [str(d.id), d.path, d.title, d.status, str(d.n_chunks), d.error or ""]
+        table.add_row(*map(escape, cells), style=style)
     console.print(table if docs else "The index is empty.")
 
 
@@ -213,19 +216,20 @@ def delete_cmd(
         store.delete_document(record.id)
     if as_json:
         return emit_json({"deleted": {"id": record.id, "path": record.path}})
-    console.print(f"Deleted document {record.id}: {record.path}", highlight=False)
+    console.print(f"Deleted document {record.id}: {escape(record.path)}", highlight=False)
 
 
 @app.command("stats")
 @user_errors
 def stats_cmd(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
     """Counts, index size and embedding model of the index."""
-    stats = open_store(settings_for(index), check_model=False).stats()
+    with open_store(settings_for(index), check_model=False) as store:
+        stats = store.stats()
     if as_json:
         return emit_json(stats)
     table = Table("stat", "value", show_header=False)
     for key, value in stats.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+        table.add_row(key, escape(json.dumps(value) if isinstance(value, dict) else str(value)))
     console.print(table)
 
 
@@ -248,7 +252,13 @@ def eval_retrieval_cmd(
     show = not as_json
     with ingest_progress(show) as on_progress:
         result = run_beir(
-            beir, split, get_settings(), index_dir=index, limit_queries=limit_queries, on_progress=on_progress
+            beir,
+            split,
+            get_settings(),
+            index_dir=index,
+            limit_queries=limit_queries,
+            on_progress=on_progress,
+            show_progress=show,
         )
     if as_json:
         return emit_json(result)

@@ -11,10 +11,18 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from tqdm import tqdm
+
 from rag.config import Settings
+from rag.embed import get_embedder
+from rag.ingest.job import ProgressEvent, ingest
+from rag.retrieve import Retriever
+from rag.store import Store
 
 Qrels = dict[str, dict[str, int]]  # query id -> doc id -> graded relevance
 Run = dict[str, dict[str, float]]  # query id -> doc id -> score (higher is better)
@@ -148,10 +156,18 @@ def write_corpus_files(corpus: dict[str, tuple[str, str]], folder: Path) -> dict
     return stems
 
 
-def doc_run(retriever, data: BeirData, stems: dict[str, str], mode: str, query_vecs) -> Run:
+def doc_run(
+    retriever: Retriever,
+    data: BeirData,
+    stems: dict[str, str],
+    mode: str,
+    query_vecs: np.ndarray,
+    show_progress: bool = False,
+) -> Run:
     """Rank chunks, then score each BEIR doc by its best chunk (max over chunks)."""
     run: Run = {}
-    for (qid, query), vec in zip(data.queries.items(), query_vecs, strict=True):
+    queries = tqdm(data.queries.items(), desc=f"{mode:>6} queries", disable=not show_progress)
+    for (qid, query), vec in zip(queries, query_vecs, strict=True):
         scores: dict[str, float] = {}
         for hit in retriever.store.hits(retriever.rank(query, EVAL_DEPTH, mode, query_vec=vec)):
             doc_id = stems.get(Path(hit.path).stem)
@@ -168,14 +184,10 @@ def run_beir(
     *,
     index_dir: Path | None = None,
     limit_queries: int | None = None,
-    on_progress=None,
+    on_progress: Callable[[ProgressEvent], None] | None = None,
+    show_progress: bool = False,
 ) -> dict:
     """Ingest a BEIR corpus (incrementally) and score dense, bm25 and hybrid retrieval on one split."""
-    from rag.embed import get_embedder
-    from rag.ingest.job import ingest
-    from rag.retrieve import Retriever
-    from rag.store import Store
-
     if not root.is_dir():
         raise FileNotFoundError(f"BEIR folder not found: {root}")
     data = load_beir(root, split, limit_queries)
@@ -195,7 +207,8 @@ def run_beir(
     retriever = Retriever(store, embedder)
     query_vecs = embedder.encode(list(data.queries.values()))
     result: dict = {
-        mode: evaluate(doc_run(retriever, data, stems, mode, query_vecs), data.qrels) for mode in EVAL_MODES
+        mode: evaluate(doc_run(retriever, data, stems, mode, query_vecs, show_progress), data.qrels)
+        for mode in EVAL_MODES
     }
     stats = store.stats()
     store.close()
