@@ -72,6 +72,6 @@ class Embedder:
 
 
 @lru_cache(maxsize=4)
-def get_embedder(model: str = DEFAULT_EMBEDDING_MODEL, device: str = "cpu") -> Embedder:
-    """One loaded model per (name, device) per process: loading takes seconds."""
-    return Embedder(model, device=device)
+def get_embedder(model: str = DEFAULT_EMBEDDING_MODEL, device: str = "cpu", batch_size: int = 64) -> Embedder:
+    """One loaded model per (name, device, batch size) per process: loading takes seconds."""
+    return Embedder(model, device=device, batch_size=batch_size)

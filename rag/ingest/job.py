@@ -269,7 +269,9 @@ def ingest(
     settings = settings or get_settings()
     if batch_chunks < 1:
         raise ValueError(f"batch_chunks must be >= 1, got {batch_chunks}")
-    embedder = embedder or get_embedder(settings.embedding_model, settings.device)
+    embedder = embedder or get_embedder(
+        settings.embedding_model, settings.device, settings.embedding_batch_size
+    )
     roots = [Path(p).expanduser().resolve() for p in paths]
     files, missing = find_files(roots)
     chunker = Chunker(embedder.tokenizer, settings.chunk_tokens, settings.chunk_overlap)
