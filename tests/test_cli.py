@@ -23,6 +23,7 @@ DOCS = {
     "rust.html": "<html><head><title>Rust ownership</title></head><body><p>Every value in Rust has "
     "a single owner; when the owner goes out of scope the borrow checker lets the value be dropped."
     "</p></body></html>",
+    "notes.md": "# [draft] Release notes\n\nVersion 2.1 adds [bold]offline mode[/bold] and fixes sync.",
 }
 
 
@@ -63,7 +64,7 @@ def test_reingest_is_incremental_and_shows_skipped_table(corpus, index):
     assert rag_json("ingest", corpus, "--index", index)["unchanged"] == len(DOCS)
     result = rag("ingest", corpus, "--index", index)
     assert result.exit_code == 0
-    assert "0 ingested, 3 unchanged" in result.stdout
+    assert f"0 ingested, {len(DOCS)} unchanged" in result.stdout
     assert "Skipped files" in result.stdout and "binary file (contains NUL bytes)" in result.stdout
 
 
@@ -81,6 +82,12 @@ def test_search_table_and_mmr(index):
     result = rag("search", "ownership and borrowing in Rust", "--index", index, "--mmr", "0.5")
     assert result.exit_code == 0
     assert "1. Rust ownership" in result.stdout and "rust.html p.1" in result.stdout
+
+
+def test_brackets_in_text_are_printed_literally(index):
+    out = rag("search", "release notes offline mode", "-k", "1", "--index", index).stdout
+    assert "[draft] Release notes" in out and "[bold]offline mode[/bold]" in out
+    assert "[draft] Release notes" in rag("docs", "--index", index).stdout
 
 
 def test_docs_and_stats(index):
@@ -105,9 +112,9 @@ def test_delete_by_path_and_id(corpus, tmp_path):
     result = rag("delete", str(rust["id"]), "--index", index)
     assert result.exit_code == 0 and "rust.html" in result.stdout
     left = {Path(d["path"]).name for d in rag_json("docs", "--index", index)}
-    assert left == {"volcano.md", "empty.md", "blob.txt"}
+    assert left == set(DOCS) - {"tea.txt", "rust.html"} | {"empty.md", "blob.txt"}
     hits = rag_json("search", "green tea leaves oxidised", "--index", index)
-    assert all(Path(h["path"]).name == "volcano.md" for h in hits)
+    assert {Path(h["path"]).name for h in hits} == {"volcano.md", "notes.md"}
     missing = rag("delete", "no-such-doc.txt", "--index", index)
     assert missing.exit_code == 1 and "no document 'no-such-doc.txt'" in missing.stderr
 
@@ -158,16 +165,17 @@ def test_eval_retrieval_on_tiny_beir(tmp_path, monkeypatch):
     result = rag_json(*args)
     for mode in ("dense", "bm25", "hybrid"):
         assert set(result[mode]) == {"ndcg@10", "recall@100", "mrr@10"}
-        assert result[mode]["recall@100"] == 1.0  # every doc is retrieved from a 4-doc corpus
+        assert result[mode]["recall@100"] == 1.0  # every doc is retrieved from a 5-doc corpus
         assert result[mode]["mrr@10"] == pytest.approx(1.0)  # and these queries are easy
-    assert result["queries"] == 3 and result["documents"] == 4
-    assert result["ingest"]["ingested"] == 4
+    n_docs = len(DOCS) + 1
+    assert result["queries"] == 3 and result["documents"] == n_docs
+    assert result["ingest"]["ingested"] == n_docs
     again = rag_json(*args, "--limit-queries", "2")
-    assert again["queries"] == 2 and again["ingest"]["unchanged"] == 4
+    assert again["queries"] == 2 and again["ingest"]["unchanged"] == n_docs
     table = rag(*args).stdout
     assert "hybrid" in table and "nDCG@10" in table
     bad = rag(
         "eval", "retrieval", "--beir", tmp_path / "beir", "--split", "nope", "--index", tmp_path / "idx"
     )
     assert bad.exit_code == 1 and "qrels not found" in bad.stderr
-    assert len(list((tmp_path / "cache").glob("rag/beir/beir-*/docs/*.md"))) == 4
+    assert len(list((tmp_path / "cache").glob("rag/beir/beir-*/docs/*.md"))) == n_docs
