@@ -81,6 +81,12 @@ def open_store(settings: Settings, readonly: bool = True, check_model: bool = Tr
     return Store(settings.index_dir, embedding_model=model, readonly=readonly)
 
 
+def read_store(index: Path | None, read: Callable[[Store], Any]) -> Any:
+    """Listing needs no embedder, so it works on an index built with any model."""
+    with open_store(settings_for(index), check_model=False) as store:
+        return read(store)
+
+
 def emit_json(value: Any) -> None:
     typer.echo(json.dumps(value, ensure_ascii=False, indent=2))
 
@@ -189,8 +195,7 @@ def search_cmd(
 @user_errors
 def docs_cmd(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
     """List indexed documents with their status, chunk count and error."""
-    with open_store(settings_for(index), check_model=False) as store:
-        docs = store.documents()
+    docs = read_store(index, Store.documents)
     if as_json:
         return emit_json([d.to_dict() for d in docs])
     table = Table("id", "path", "title", "status", "chunks", "error")
@@ -223,8 +228,7 @@ def delete_cmd(
 @user_errors
 def stats_cmd(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
     """Counts, index size and embedding model of the index."""
-    with open_store(settings_for(index), check_model=False) as store:
-        stats = store.stats()
+    stats = read_store(index, Store.stats)
     if as_json:
         return emit_json(stats)
     table = Table("stat", "value", show_header=False)

@@ -81,7 +81,10 @@ class Retriever:
         self.rrf_k, self.depth, self.weights = rrf_k, depth, weights
 
     def rank(self, query: str, k: int, mode: str = "hybrid", query_vec: np.ndarray | None = None) -> Scored:
-        """Top-k (chunk id, score); pass query_vec to reuse a batch-encoded query (evaluation)."""
+        """Top-k (chunk id, score); hybrid fuses the top max(depth, k) chunks of each list.
+
+        Pass query_vec to reuse a batch-encoded query (evaluation).
+        """
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if mode == "bm25":
