@@ -48,9 +48,9 @@ class SmallRun:
 
 def bench_data(corpus: str = BENCH_CORPUS, vocab_size: int = BENCH_VOCAB) -> Path:
     """Token files for `corpus` with a small BPE trained on it, made once under .data/ (as `rag train lm`)."""
-    from rag.llm.cli import _ensure_data
+    from rag.llm.cli import ensure_data
 
-    return _ensure_data(corpus, vocab_size, prepare=True)
+    return ensure_data(corpus, vocab_size, prepare=True)
 
 
 def train_small(data_dir: Path, overrides: dict, run: SmallRun, out_dir: Path) -> float:

@@ -140,7 +140,7 @@ def prepare(
     console.print(f"{out}: {meta['n_tokens']['train']:,} train / {meta['n_tokens']['val']:,} val tokens")
 
 
-def _ensure_data(corpus: str, vocab_size: int, prepare: bool) -> Path:
+def ensure_data(corpus: str, vocab_size: int, prepare: bool) -> Path:
     """.data/<corpus>-v<vocab>, made on first use if `prepare` (a tokenizer trained on it, then tokenized)."""
     from rag.llm.tokenizer import train_tokenizer
 
@@ -188,7 +188,7 @@ def lm(
     if data is None and not any(s.startswith("data_dir=") for s in sets or []):
         corpus = corpus or ("tinyshakespeare" if preset == "tiny" else "gutenberg")
         vocab = vocab_size or (2048 if preset == "tiny" else 8192)
-        cfg.data_dir = str(_ensure_data(corpus, vocab, prepare=rt.main))  # rank 0 prepares, the rest wait
+        cfg.data_dir = str(ensure_data(corpus, vocab, prepare=rt.main))  # rank 0 prepares, the rest wait
         if rt.ddp:
             dist.barrier()
     try:

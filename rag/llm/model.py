@@ -218,9 +218,14 @@ class Learned(Positions):
 
 
 class Sinusoidal(Positions):
+    # sin/cos have std 1/sqrt(2) per dimension while token embeddings start at std 0.02; unscaled,
+    # position would outweigh the token ~35:1 (Vaswani et al. scale embeddings by sqrt(d) instead).
+    # Matching the table to the embedding's init scale keeps both signals comparable.
+    scale = 0.02 * math.sqrt(2)
+
     def embed(self, pos: Tensor) -> Tensor:
         ang = _angles(pos, self.cfg.d_model, 10000.0)
-        return torch.stack([ang.sin(), ang.cos()], dim=-1).flatten(-2)
+        return self.scale * torch.stack([ang.sin(), ang.cos()], dim=-1).flatten(-2)
 
 
 class Rope(Positions):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -472,7 +473,8 @@ class Trainer:
                 self.save()
                 if rt.main:
                     plot_loss_curve(log.rows, self.out_dir / CURVE_FILE)
-                    bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
+                    summary = ", ".join(f"{k} {v:.4g}" for k, v in row.items())
+                    bar.write(f"step {self.step}: {summary}", file=sys.stderr)  # stdout stays for --json
                 window_start, window_tokens = time.perf_counter(), 0.0  # eval/save time is not throughput
         bar.close()
         return TrainResult(self.step, train_loss, val_loss, self.out_dir, log.rows)
