@@ -31,6 +31,9 @@ class Embedder:
 
     def __init__(self, model: str = DEFAULT_EMBEDDING_MODEL, device: str = "cpu", batch_size: int = 64):
         from sentence_transformers import SentenceTransformer  # heavy import: only when a model is needed
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a per-load "Loading weights" bar would clutter every command
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
