@@ -50,7 +50,7 @@ def search_page() -> None:
             title = hit["title"] or hit["path"]
             st.markdown(f"**[{n}] {title}** · page {hit['page']} · chars {hit['start']}–{hit['end']}")
             st.caption(f"{hit['path']} · score {hit['score']:.4f}")
-            st.write(hit["text"])
+            st.code(hit["text"], language=None, wrap_lines=True)  # verbatim: passages are not our markup
             st.divider()
 
 
