@@ -151,7 +151,7 @@ def search_cmd(
     chunks: int = typer.Option(100_000, min=1, help="Chunks in the benchmark index (built once, cached)."),
     queries: int = typer.Option(200, min=1, help="Timed queries (SQuAD dev questions)."),
     k: int = typer.Option(5, min=1, help="Results per query."),
-    threads: int = typer.Option(2, min=1, help="Torch and FAISS threads."),
+    threads: int = typer.Option(1, min=1, help="Torch and FAISS threads (2 is slower for one query)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON value instead of tables."),
 ) -> None:
     """Dense / BM25 / hybrid latency p50/p95 vs a raw FAISS search on the same index."""

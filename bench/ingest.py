@@ -88,8 +88,9 @@ def run(
         folder = text_folder(BENCH_DIR / "ingest" / f"gutenberg-{files}x{words}w", files, words)
     elif not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder")
-    embedder = get_embedder(Settings().embedding_model)
-    texts = chunk_texts([folder], Settings(), embedder)
+    settings = Settings()
+    embedder = get_embedder(settings.embedding_model, settings.device, settings.embedding_batch_size)
+    texts = chunk_texts([folder], settings, embedder)
     if not texts:
         raise ValueError(f"no indexable text under {folder}")
     embedder.encode(texts[:BATCH_CHUNKS])  # warm-up: first calls allocate

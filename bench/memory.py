@@ -41,7 +41,7 @@ def child(mode: str, index_dir: Path, paths: list[Path]) -> None:
     from rag.ingest.job import ingest
 
     settings = Settings(index_dir=index_dir)
-    embedder = get_embedder(settings.embedding_model, settings.device)
+    embedder = get_embedder(settings.embedding_model, settings.device, settings.embedding_batch_size)
     embedder.encode(passages(settings.embedding_batch_size, 150))  # first batch allocates buffers
     texts = chunk_texts(paths, settings, embedder) if mode == "embed" else []
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS (Linux >= 4.0)

@@ -80,14 +80,14 @@ def measure(retriever: Retriever, raw: faiss.Index, queries: list[str], k: int) 
     return times
 
 
-def run(chunks: int = 100_000, queries: int = 200, k: int = 5, words: int = 120, threads: int = 2) -> dict:
+def run(chunks: int = 100_000, queries: int = 200, k: int = 5, words: int = 120, threads: int = 1) -> dict:
     """Build (or reuse) the index, then time `queries` SQuAD questions in every mode."""
     import torch
 
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
     settings = Settings()
-    embedder = get_embedder(settings.embedding_model, settings.device)
+    embedder = get_embedder(settings.embedding_model, settings.device, settings.embedding_batch_size)
     index_dir = BENCH_DIR / "search" / f"index-{chunks}x{words}w"
     build_index(index_dir, chunks, words, embedder.name, embedder.dim)
     qs = squad_questions(queries + 10)
