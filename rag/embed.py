@@ -26,10 +26,17 @@ def resolve_model(name: str) -> str:
     return name
 
 
+# Small batches: attention activations grow with batch x length^2, and at 16 the bundled
+# MiniLM embedded 1,613 PDF chunks faster than at 64 with 200 MB less peak memory (bench memory).
+BATCH_SIZE = 16
+
+
 class Embedder:
     """Texts -> unit vectors. `n_calls` / `n_texts` count work done (ingest tests assert on them)."""
 
-    def __init__(self, model: str = DEFAULT_EMBEDDING_MODEL, device: str = "cpu", batch_size: int = 64):
+    def __init__(
+        self, model: str = DEFAULT_EMBEDDING_MODEL, device: str = "cpu", batch_size: int = BATCH_SIZE
+    ):
         from sentence_transformers import SentenceTransformer  # heavy import: only when a model is needed
         from transformers.utils import logging as hf_logging
 
@@ -75,6 +82,8 @@ class Embedder:
 
 
 @lru_cache(maxsize=4)
-def get_embedder(model: str = DEFAULT_EMBEDDING_MODEL, device: str = "cpu", batch_size: int = 64) -> Embedder:
+def get_embedder(
+    model: str = DEFAULT_EMBEDDING_MODEL, device: str = "cpu", batch_size: int = BATCH_SIZE
+) -> Embedder:
     """One loaded model per (name, device, batch size) per process: loading takes seconds."""
     return Embedder(model, device=device, batch_size=batch_size)
