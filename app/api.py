@@ -22,6 +22,7 @@ from rag.embed import get_embedder
 from rag.ingest.job import ingest
 from rag.retrieve import MODES, Retriever
 from rag.store import IndexBusy, Store, StoreError
+from rag.types import Hit
 
 MAX_QUERY_CHARS = 2000
 MAX_PATHS = 100
@@ -34,22 +35,10 @@ class SearchRequest(BaseModel):
     mmr_lambda: float | None = Field(None, ge=0.0, le=1.0)
 
 
-class HitOut(BaseModel):
-    chunk_id: int
-    doc_id: int
-    path: str
-    title: str
-    page: int
-    start: int
-    end: int
-    score: float
-    text: str
-
-
 class SearchResponse(BaseModel):
     query: str
     mode: str
-    results: list[HitOut]
+    results: list[Hit]  # the library dataclass: document, page and character span to cite
 
 
 class IngestRequest(BaseModel):
@@ -116,7 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not req.query.strip():
             raise HTTPException(422, "query is blank")
         hits = services.retriever().search(req.query, k=req.k, mode=req.mode, mmr_lambda=req.mmr_lambda)
-        return SearchResponse(query=req.query, mode=req.mode, results=[HitOut(**h.to_dict()) for h in hits])
+        return SearchResponse(query=req.query, mode=req.mode, results=hits)
 
     @api.get("/v1/documents")
     def documents() -> list[dict]:
