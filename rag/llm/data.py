@@ -23,8 +23,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rag.config import shared_data_dir
-
 TOKEN_DTYPE = np.uint16
 META_FILE = "meta.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -46,6 +44,8 @@ class DataError(ValueError):
 def resolve_corpus(name_or_path: str) -> tuple[list[Path], list[Path] | None, float]:
     """(train files, val files or None, val_fraction) of a corpus name (see CORPORA) or a file/folder."""
     if name_or_path in CORPORA:
+        from rag.config import shared_data_dir  # here, not at the top: the GPU image has no pydantic
+
         train, val = CORPORA[name_or_path]
         root = shared_data_dir()
         if isinstance(val, float):
