@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -21,11 +22,12 @@ from rag.config import Settings, get_settings
 from rag.embed import get_embedder
 from rag.ingest.job import ingest
 from rag.retrieve import MODES, Retriever
-from rag.store import IndexBusy, Store, StoreError
+from rag.store import SQLITE_MAX_INT, IndexBusy, Store, StoreError
 from rag.types import Hit
 
 MAX_QUERY_CHARS = 2000
 MAX_PATHS = 100
+MAX_PATH_CHARS = 4096
 
 
 class SearchRequest(BaseModel):
@@ -42,7 +44,9 @@ class SearchResponse(BaseModel):
 
 
 class IngestRequest(BaseModel):
-    paths: list[str] = Field(..., min_length=1, max_length=MAX_PATHS)
+    paths: list[Annotated[str, Field(min_length=1, max_length=MAX_PATH_CHARS)]] = Field(
+        ..., min_length=1, max_length=MAX_PATHS
+    )
     prune: bool = False
 
 
@@ -67,7 +71,7 @@ class Services:
             return self._retriever
 
     def writer(self) -> Store:
-        return Store(self.settings.index_dir, embedding_model=None, readonly=False)
+        return Store(self.settings.index_dir, embedding_model=None, readonly=False, create=False)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -121,7 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return ingest(paths, services.settings, prune=req.prune).to_dict()
 
     @api.delete("/v1/documents/{doc_id}", dependencies=[Depends(require_admin)])
-    def delete(doc_id: int) -> dict:
+    def delete(doc_id: Annotated[int, PathParam(ge=1, le=SQLITE_MAX_INT)]) -> dict:
         with services.writer() as store:
             record = store.find_document(doc_id)
             if record is None:
@@ -138,12 +142,18 @@ def allowed_path(raw: str, roots: list[Path]) -> Path:
     """Resolve `raw` and refuse anything outside the configured ingest roots (no `..` escapes)."""
     if not raw.strip() or "\x00" in raw:
         raise HTTPException(422, f"invalid path {raw!r}")
-    path = Path(raw).expanduser().resolve()
-    resolved_roots = [r.expanduser().resolve() for r in roots]
-    if not any(path == r or path.is_relative_to(r) for r in resolved_roots):
-        allowed = ", ".join(map(str, resolved_roots)) or "none"
-        raise HTTPException(403, f"{raw!r} is outside the allowed ingest roots ({allowed}; RAG_INGEST_ROOTS)")
-    if not path.exists():
+    try:
+        path = Path(raw).expanduser().resolve()
+        resolved_roots = [r.expanduser().resolve() for r in roots]
+        if not any(path == r or path.is_relative_to(r) for r in resolved_roots):
+            allowed = ", ".join(map(str, resolved_roots)) or "none"
+            raise HTTPException(
+                403, f"{raw!r} is outside the allowed ingest roots ({allowed}; RAG_INGEST_ROOTS)"
+            )
+        exists = path.exists()
+    except (OSError, RuntimeError) as exc:  # unknown ~user, name too long, ...
+        raise HTTPException(422, f"invalid path {raw!r}: {exc}") from None
+    if not exists:
         raise HTTPException(404, f"path not found: {raw}")
     return path
 

@@ -28,7 +28,7 @@ from rag.eval import run_beir
 from rag.ingest.job import IngestReport, ProgressEvent, ingest
 from rag.llm.cli import app as llm_app
 from rag.retrieve import Retriever
-from rag.store import DB_NAME, Store, StoreError
+from rag.store import Store, StoreError
 
 app = typer.Typer(
     help="Self-hosted RAG: ingest folders, search them, answer with our own LLM.", no_args_is_help=True
@@ -76,9 +76,7 @@ def open_store(settings: Settings, readonly: bool = True, check_model: bool = Tr
     Without check_model, `docs`/`stats`/`delete` work on an index built with any model.
     """
     model = settings.embedding_model if check_model else None
-    if not readonly and not (settings.index_dir / DB_NAME).is_file():
-        raise StoreError(f"no index at {settings.index_dir} (run `rag ingest` first)")
-    return Store(settings.index_dir, embedding_model=model, readonly=readonly)
+    return Store(settings.index_dir, embedding_model=model, readonly=readonly, create=False)
 
 
 def read_store(index: Path | None, read: Callable[[Store], Any]) -> Any:

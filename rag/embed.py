@@ -81,9 +81,17 @@ class Embedder:
         return self.encode([text])[0]
 
 
-@lru_cache(maxsize=4)
 def get_embedder(
     model: str = DEFAULT_EMBEDDING_MODEL, device: str = "cpu", batch_size: int = BATCH_SIZE
 ) -> Embedder:
-    """One loaded model per (name, device, batch size) per process: loading takes seconds."""
+    """One loaded model per (name, device, batch size) per process: loading takes seconds.
+
+    Arguments are normalised before the cache so `get_embedder(m, d)` and
+    `get_embedder(m, d, BATCH_SIZE)` share one model instead of loading it twice.
+    """
+    return _cached_embedder(model, device, batch_size)
+
+
+@lru_cache(maxsize=4)
+def _cached_embedder(model: str, device: str, batch_size: int) -> Embedder:
     return Embedder(model, device=device, batch_size=batch_size)

@@ -105,8 +105,10 @@ class Retriever:
             raise ValueError(f"k must be at least 1, got {k}")
         if mmr_lambda is None:
             return self.store.hits(self.rank(query, k, mode))
-        pool = self.rank(query, k * MMR_POOL, mode)
-        vectors = self.store.vectors([cid for cid, _ in pool])
+        vec = None if mode == "bm25" else self.embedder.encode_query(query)
+        with self.store.pinned():  # a concurrent refresh() must not drop pool ids before vectors()
+            pool = self.rank(query, k * MMR_POOL, mode, query_vec=vec)
+            vectors = self.store.vectors([cid for cid, _ in pool])
         return self.store.hits(mmr(pool, vectors, k, mmr_lambda))
 
 

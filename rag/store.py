@@ -61,6 +61,9 @@ SCHEMA = [
 _WORD = re.compile(r"\w+")
 
 
+SQLITE_MAX_INT = 2**63 - 1  # larger ids cannot exist (and make sqlite3 raise OverflowError)
+
+
 class StoreError(Exception):
     """The index cannot be opened or used as asked; the message says why and what to do."""
 
@@ -147,12 +150,13 @@ class Store:
         embedding_model: str | None = None,
         dim: int | None = None,
         readonly: bool = False,
+        create: bool = True,
     ):
         self.index_dir = Path(index_dir)
         self.readonly = readonly
         self._lock = threading.RLock()
         db_path = self.index_dir / DB_NAME
-        if readonly and not db_path.is_file():
+        if (readonly or not create) and not db_path.is_file():
             raise StoreError(f"no index at {self.index_dir} (run `rag ingest` first)")
         self.index_dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -362,12 +366,14 @@ class Store:
         self._require_writer()
         with self._lock:
             self._sync()
+            bm25_dir = self.index_dir / f"{BM25_PREFIX}{self.gen:012d}"
+            if self._manifest().get("generation") == self.gen and bm25_dir.exists():
+                return  # already published (e.g. a re-ingest that changed nothing): skip the rewrite
             self._apply_removals()
             tag = f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
             tmp = self.index_dir / f"{tag}-{FAISS_NAME}"
             faiss.write_index(self._index, str(tmp))
             _publish(tmp, self.index_dir / FAISS_NAME)
-            bm25_dir = self.index_dir / f"{BM25_PREFIX}{self.gen:012d}"
             if not bm25_dir.exists():
                 tmp = self.index_dir / f"{tag}-bm25"
                 tmp.mkdir()
@@ -531,11 +537,17 @@ class Store:
         """By id (int or digits) or by path (as stored, or resolved from the current directory)."""
         cols = "id, path, title, sha256, size, mtime, status, error, n_chunks, updated_at"
         with self._lock:
-            if isinstance(key, int) or str(key).isdigit():
+            if (isinstance(key, int) or str(key).isdigit()) and int(key) <= SQLITE_MAX_INT:
                 row = self._db.execute(f"SELECT {cols} FROM documents WHERE id = ?", (int(key),)).fetchone()
-                if row is not None or isinstance(key, int):
-                    return DocRecord(*row) if row else None
-            for path in (str(key), str(Path(key).expanduser().resolve())):
+                if row is not None:
+                    return DocRecord(*row)
+            if isinstance(key, int):
+                return None
+            try:
+                candidates = [str(key), str(Path(key).expanduser().resolve())]
+            except (OSError, RuntimeError):  # unknown ~user, name too long: not a path we hold
+                candidates = [str(key)]
+            for path in candidates:
                 row = self._db.execute(f"SELECT {cols} FROM documents WHERE path = ?", (path,)).fetchone()
                 if row is not None:
                     return DocRecord(*row)
@@ -572,6 +584,13 @@ class Store:
         top = np.argpartition(-scores, k - 1)[:k]
         top = top[np.argsort(-scores[top], kind="stable")]
         return [(int(ids[i]), float(scores[i])) for i in top if scores[i] > 0]
+
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[None]:
+        """Hold this Store's in-memory state across several reads (no `refresh()` from another
+        thread in between), so chunk ids from one call are still valid in the next (MMR)."""
+        with self._lock:
+            yield
 
     def hits(self, scored: list[tuple[int, float]]) -> list[Hit]:
         """Full metadata, same order; chunks deleted since the search are dropped."""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rag.config import DEFAULT_EMBEDDING_MODEL
-from rag.embed import Embedder, get_embedder, resolve_model
+from rag.embed import BATCH_SIZE, Embedder, get_embedder, resolve_model
 
 
 def test_resolve_model_maps_only_the_bundled_name():
@@ -44,6 +44,8 @@ def test_batch_size_does_not_change_vectors(embedder):
 
 def test_get_embedder_is_cached(embedder):
     assert get_embedder() is embedder
+    # ingest passes the batch size, search does not: both must share one loaded model
+    assert get_embedder(DEFAULT_EMBEDDING_MODEL, "cpu", BATCH_SIZE) is embedder
     assert embedder.name == DEFAULT_EMBEDDING_MODEL
     assert embedder.tokenizer("ahoj světe", return_offsets_mapping=True)["offset_mapping"]
 

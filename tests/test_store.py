@@ -146,6 +146,9 @@ def test_model_mismatch_and_bad_opens(tmp_path, store):
         Store(tmp_path / "index", "test-model", DIM * 2)
     with pytest.raises(StoreError, match="no index"):
         Store(tmp_path / "missing", readonly=True)
+    with pytest.raises(StoreError, match="no index"):
+        Store(tmp_path / "missing", readonly=False, create=False)
+    assert not (tmp_path / "missing").exists()  # refusing to open must not leave an empty index
     with pytest.raises(StoreError, match="needs embedding_model"):
         Store(tmp_path / "fresh")
     with pytest.raises(ValueError, match="dim"):
@@ -300,3 +303,42 @@ def test_kill9_during_snapshot_writes_leaves_a_loadable_index(tmp_path):
         rw.verify()
         assert rw.stats()["snapshot_generation"] == rw.stats()["generation"]
     assert not list(index_dir.glob(TMP_PREFIX + "*"))
+
+
+def test_find_document_by_out_of_range_id_is_none(store):
+    put(store, "/a", "text")
+    assert store.find_document(2**63) is None
+    assert store.find_document("9" * 30) is None  # digits: tried as id, then as path
+
+
+def test_save_without_changes_rewrites_nothing(tmp_path, store):
+    snapshot_two(store)
+    files = [tmp_path / "index" / FAISS_NAME, tmp_path / "index" / "manifest.json"]
+    before = [f.stat().st_mtime_ns for f in files]
+    time.sleep(0.01)
+    store.save()
+    assert [f.stat().st_mtime_ns for f in files] == before
+    put(store, "/c", "cherry")
+    store.save()
+    assert [f.stat().st_mtime_ns for f in files] != before
+
+
+def test_pinned_holds_off_a_refresh_from_another_thread(tmp_path, store):
+    """MMR ranks, then reads vectors of the ranked ids: a refresh in between could drop them."""
+    import threading
+
+    a = snapshot_two(store)
+    reader = Store(tmp_path / "index", readonly=True)
+    store.delete_document(a.id)
+    refreshed = threading.Event()
+    with reader.pinned():
+        ids = [cid for cid, _ in reader.dense_search(unit(1)[0], 10)]
+        worker = threading.Thread(target=lambda: (reader.refresh(), refreshed.set()))
+        worker.start()
+        assert not refreshed.wait(0.3)  # the refresh waits for the pinned reads
+        assert reader.vectors(ids).shape == (len(ids), DIM)
+    worker.join(10)
+    assert refreshed.is_set()
+    with pytest.raises(KeyError):
+        reader.vectors(ids)  # after the refresh, /a's chunk is gone
+    reader.close()

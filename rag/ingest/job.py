@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -68,19 +69,31 @@ class ProgressEvent:
 
 def find_files(paths: Iterable[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Files under `paths` (folders walked recursively, hidden entries skipped; files given
-    directly are taken as they are), sorted and unique; plus (path, reason) for missing ones."""
+    directly are taken as they are), sorted and unique; plus (path, reason) for refused ones.
+
+    A symlink inside a folder whose target lies outside that folder is refused: the API confines
+    ingestion to configured roots, and a link must not carry other files past that check.
+    """
     found: set[Path] = set()
-    missing: list[tuple[str, str]] = []
+    refused: list[tuple[str, str]] = []
     for root in paths:
         if root.is_file():
             found.add(root)
         elif root.is_dir():
+            real_root = root.resolve()
             for dirpath, dirnames, filenames in os.walk(root):
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                found.update(Path(dirpath, f) for f in filenames if not f.startswith("."))
+                for name in filenames:
+                    path = Path(dirpath, name)
+                    if name.startswith("."):
+                        continue
+                    if path.is_symlink() and not path.resolve().is_relative_to(real_root):
+                        refused.append((str(path), f"symlink to a file outside {root}"))
+                    else:
+                        found.add(path)
         else:
-            missing.append((str(root), "no such file or directory"))
-    return sorted(found), missing
+            refused.append((str(root), "no such file or directory"))
+    return sorted(found), refused
 
 
 def file_sha256(path: Path) -> str:
@@ -158,6 +171,8 @@ class _Job:
         try:
             st = path.stat()
             meta = FileMeta(None, st.st_size, st.st_mtime)
+            if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end hashing
+                raise SkipFile("not a regular file")
             if st.st_size <= self.max_bytes:  # larger files are refused by load_document without reading
                 meta = FileMeta(file_sha256(path), st.st_size, st.st_mtime)
                 old = self.store.find_document(key)
@@ -179,6 +194,7 @@ class _Job:
         if len(chunks) >= self.batch_chunks:  # a big file goes alone, streamed in batches
             self.flush()
             self._commit(item, self._batches(chunks))
+            self.maybe_snapshot()
         else:
             self.pending.append(item)
             if sum(len(p.chunks) for p in self.pending) >= self.batch_chunks:

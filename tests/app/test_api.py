@@ -131,6 +131,9 @@ def test_ingest_path_validation(server, corpus):
     missing = {"paths": [str(corpus / "docs" / "nope.txt")]}
     assert httpx.post(f"{server}/v1/ingest", json=missing, headers=h, timeout=30).status_code == 404
     assert httpx.post(f"{server}/v1/ingest", json={"paths": []}, headers=h, timeout=30).status_code == 422
+    for bad in ["~nosuchuser-xyz/a", str(corpus / "docs" / ("n" * 1000)), "x" * 5000, ""]:
+        r = httpx.post(f"{server}/v1/ingest", json={"paths": [bad]}, headers=h, timeout=30)
+        assert r.status_code == 422, (bad[:40], r.status_code, r.text[:200])
     assert httpx.post(f"{server}/v1/ingest", json={"paths": "docs"}, headers=h, timeout=30).status_code == 422
 
 
@@ -148,6 +151,8 @@ def test_ingest_then_search_then_delete(server, corpus):
 
     assert httpx.delete(f"{server}/v1/documents/999999", headers=h, timeout=30).status_code == 404
     assert httpx.delete(f"{server}/v1/documents/abc", headers=h, timeout=30).status_code == 422
+    assert httpx.delete(f"{server}/v1/documents/{10**23}", headers=h, timeout=30).status_code == 422
+    assert httpx.delete(f"{server}/v1/documents/0", headers=h, timeout=30).status_code == 422
     assert httpx.delete(f"{server}/v1/documents/{okapi['doc_id']}", headers=h, timeout=30).status_code == 200
     r = httpx.post(f"{server}/v1/search", json={"query": "okapi Congo", "mode": "bm25", "k": 5}, timeout=30)
     assert all(not hit["path"].endswith("okapi.txt") for hit in r.json()["results"])
@@ -160,6 +165,17 @@ def test_missing_index_and_disabled_admin(tmp_path, corpus):
         assert r.status_code == 503 and "rag ingest" in r.json()["detail"]
         r = httpx.post(f"{url}/v1/ingest", json={"paths": ["docs"]}, headers={"X-API-Key": "x"}, timeout=30)
         assert r.status_code == 403 and "RAG_API_KEY" in r.json()["detail"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_delete_on_a_missing_index_creates_nothing(tmp_path, corpus):
+    proc, url = start_server(corpus, tmp_path / "no-index", api_key=KEY)
+    try:
+        r = httpx.delete(f"{url}/v1/documents/1", headers={"X-API-Key": KEY}, timeout=30)
+        assert r.status_code == 503 and "rag ingest" in r.json()["detail"]
+        assert not (tmp_path / "no-index").exists()
     finally:
         proc.terminate()
         proc.wait(10)

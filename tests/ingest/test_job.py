@@ -264,3 +264,27 @@ def test_readers_keep_searching_committed_chunks_during_ingest(tmp_path, embedde
     assert len(reader.dense_search(query, 100)) == len(reader.bm25_search("shared", 100)) == n
     reader.verify()
     reader.close()
+
+
+def test_fifo_is_skipped_not_hashed_forever(tmp_path, embedder):
+    folder = tmp_path / "docs"
+    write_corpus(folder, 2)
+    os.mkfifo(folder / "pipe.txt")  # open() on it would block the whole ingest
+    report = ingest([folder], settings_for(tmp_path / "index"), embedder=embedder)
+    assert report.ingested == 2
+    assert (str(folder / "pipe.txt"), "not a regular file") in report.skipped
+
+
+def test_symlink_out_of_the_folder_is_refused(tmp_path, embedder):
+    folder, outside = tmp_path / "docs", tmp_path / "outside"
+    write_corpus(folder, 1)
+    outside.mkdir()
+    (outside / "secret.txt").write_text("The launch code is swordfish.")
+    (folder / "notes.txt").symlink_to(outside / "secret.txt")
+    (folder / "inside.txt").symlink_to(folder / "part0" / "doc00.txt")  # a link within the folder is fine
+    files, refused = find_files([folder.resolve()])
+    assert folder.resolve() / "inside.txt" in files
+    assert [p for p, _ in refused] == [str(folder.resolve() / "notes.txt")]
+    ingest([folder], settings_for(tmp_path / "index"), embedder=embedder)
+    with Store(tmp_path / "index", readonly=True) as store:
+        assert store.bm25_search("swordfish", 5) == []
