@@ -23,7 +23,7 @@ from torch import nn
 from rag.llm.checkpoint import load_checkpoint
 from rag.llm.model import IGNORE_INDEX as IGNORE
 from rag.llm.tokenizer import Tokenizer
-from rag.llm.train import TrainConfig, TrainResult, lm_loss, run, setup_runtime
+from rag.llm.train import TrainConfig, TrainResult, lm_loss, n_targets, run, setup_runtime
 
 SFT_KEYS = ("answer",)
 DPO_KEYS = ("chosen", "rejected")
@@ -167,6 +167,10 @@ class SFTTask:
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return lm_loss(model, *batch)
+
+    def n_targets(self, batch) -> torch.Tensor:
+        """Answer lengths vary, so accumulation weights micro-batches by their answer tokens."""
+        return n_targets(batch[1])
 
     def n_tokens(self, batch) -> int:
         return batch[0].numel()

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from rag.llm import checkpoint as ckpt
 from rag.llm.data import IndexSampler, TokenWindows, read_meta, tokenizer_hash
-from rag.llm.model import GPT, ModelConfig
+from rag.llm.model import GPT, IGNORE_INDEX, ModelConfig
 from rag.llm.tokenizer import Tokenizer
 
 METRICS_FILE = "metrics.jsonl"
@@ -217,7 +217,13 @@ Batch = Any
 
 
 class Task(Protocol):
-    """What an objective supplies to the loop: batches by sampled index, and a loss with metrics."""
+    """What an objective supplies to the loop: batches by sampled index, and a loss with metrics.
+
+    A metric "aux" (with grad) is an additive regulariser inside the loss, such as the MoE balance
+    term: it is weighted per micro-batch, not per target. A task whose micro-batches hold different
+    numbers of targets (SFT masks prompts) also defines `n_targets(batch) -> Tensor`, so that
+    accumulation weights each micro-batch by its share of the step's targets (see Trainer.accumulate).
+    """
 
     tokenizer: Tokenizer
 
@@ -253,9 +259,16 @@ class LMTask:
 def lm_loss(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The model's loss; the plain cross-entropy is reported apart only when an MoE aux term is added."""
+    """The model's loss; with an MoE aux term, the cross-entropy and the aux term are reported apart."""
     out = model(x, targets=y)
-    return out.loss, ({} if out.loss is out.ce_loss else {"ce": out.ce_loss.detach()})
+    if out.loss is out.ce_loss:
+        return out.loss, {}
+    return out.loss, {"ce": out.ce_loss.detach(), "aux": out.loss - out.ce_loss}
+
+
+def n_targets(y: torch.Tensor) -> torch.Tensor:
+    """Targets a cross-entropy is averaged over (the non-ignored ones), as a tensor: no host sync."""
+    return (y != IGNORE_INDEX).sum()
 
 
 def model_config(preset: str, vocab_size: int, overrides: dict) -> ModelConfig:
@@ -407,24 +420,48 @@ class Trainer:
             out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
         return out
 
-    def train_step(self) -> tuple[dict[str, torch.Tensor], float, int]:
-        """One optimizer step over grad_accum micro-batches; gradients are all-reduced only on the last."""
-        lr = lr_at(self.step, self.cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def micro_divisors(self, batches: list[Batch]) -> list[torch.Tensor | int]:
+        """What each micro-batch's mean loss is divided by, so the step's gradient is the mean over all its
+        targets on all ranks: N / n_i, over world_size because DDP averages gradients over ranks. Tasks
+        without n_targets have the same count in every micro-batch: the divisor is just grad_accum."""
+        count = getattr(self.task, "n_targets", None)
+        if count is None:
+            return [len(batches)] * len(batches)
+        counts = [count(b).float() for b in batches]
+        total = torch.stack(counts).sum()
+        if self.rt.ddp:
+            dist.all_reduce(total)
+        total = total.clamp(min=1) / self.rt.world_size
+        return [total / c.clamp(min=1) for c in counts]  # a micro-batch with no targets has a zero loss
+
+    def accumulate(self, batches: list[Batch]) -> dict[str, torch.Tensor]:
+        """Backward over the micro-batches (gradients all-reduced only on the last); the step's metrics.
+        The MoE aux term is averaged per micro-batch, as it is a mean over all positions, not targets."""
+        divisors = self.micro_divisors(batches)
         totals: dict[str, torch.Tensor] = {}
-        tokens = 0
-        for micro in range(self.cfg.grad_accum):
-            batch = self.task.batch("train", self.sampler.next(), self.rt.device)
-            tokens += self.task.n_tokens(batch)
-            last = micro == self.cfg.grad_accum - 1
+        for micro, (batch, div) in enumerate(zip(batches, divisors, strict=True)):
+            last = micro == len(batches) - 1
             sync = nullcontext() if last or not self.rt.ddp else self.model.no_sync()
             with sync:
                 with self._autocast():
                     loss, metrics = self.task.loss(self.model, batch)
-                (loss / self.cfg.grad_accum).backward()
-            for k, v in {"loss": loss.detach(), **metrics}.items():
-                totals[k] = totals.get(k, 0) + v / self.cfg.grad_accum
+                aux = metrics.get("aux", 0.0)
+                ((loss - aux) / div + aux / len(batches)).backward()
+            for k, v in {"loss": loss, **metrics}.items():
+                totals[k] = totals.get(k, 0) + v.detach() / (len(batches) if k == "aux" else div)
+        if "aux" in totals:  # the weighted cross-entropy plus the mean aux term
+            totals["loss"] = totals["ce"] + totals["aux"]
+        return totals
+
+    def train_step(self) -> tuple[dict[str, torch.Tensor], float, int]:
+        """One optimizer step over grad_accum micro-batches."""
+        lr = lr_at(self.step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batches = [
+            self.task.batch("train", self.sampler.next(), self.rt.device) for _ in range(self.cfg.grad_accum)
+        ]
+        totals = self.accumulate(batches)
         if self.cfg.grad_clip > 0:
             totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(
                 self.raw_model.parameters(), self.cfg.grad_clip
@@ -432,7 +469,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return totals, lr, tokens * self.rt.world_size
+        return totals, lr, sum(self.task.n_tokens(b) for b in batches) * self.rt.world_size
 
     def fit(self) -> TrainResult:
         cfg, rt = self.cfg, self.rt

@@ -25,7 +25,7 @@ from rag.llm.align import (
 )
 from rag.llm.cli import app
 from rag.llm.model import GPT, ModelConfig
-from rag.llm.train import TrainConfig, run, setup_runtime
+from rag.llm.train import TrainConfig, Trainer, run, setup_runtime
 from tests.llm.test_data import WORDS, one_thread, tokenizer  # noqa: F401  (fixtures)
 from tests.llm.test_train import TINY_MODEL
 
@@ -93,6 +93,29 @@ def test_sft_targets_cover_answer_tokens_only(tokenizer, start):  # noqa: F811
     # Whatever the prompt's tokens would have been as targets, the masked targets are the same.
     other_prompt = [prompt[0], *np.random.default_rng(0).integers(10, 300, len(prompt) - 1).tolist()]
     assert shift_and_mask(other_prompt, answer)[1] == shift_and_mask(prompt, answer)[1]
+
+
+def test_sft_grad_accumulation_equals_one_batch_of_the_same_rows(tmp_path, tokenizer, start):  # noqa: F811
+    """Answers of different lengths: two micro-batches give the gradient of their combined batch (every
+    answer token weighs the same), not the mean of two per-micro-batch means."""
+    rows = toy_rows()[:4]
+    rows[0]["answer"] = " The king sings over the river and under the stone, slowly and bright."
+    rows[2]["answer"] = rows[3]["answer"] = " Yes."
+    task = SFTTask({"train": rows}, tokenizer, max_len=64)
+    batches = [task.batch("train", np.arange(i, i + 2), torch.device("cpu")) for i in (0, 2)]
+    assert task.n_targets(batches[0]) > 2 * task.n_targets(batches[1])  # very unequal answer lengths
+    model, _ = ckpt.load_checkpoint(start)
+    trainer = Trainer(TrainConfig(out_dir=str(tmp_path), device="cpu"), model, task, 64)
+
+    def grads(micro_batches) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        metrics = trainer.accumulate(micro_batches)
+        return {"loss": metrics["loss"], **{n: p.grad.clone() for n, p in model.named_parameters()}}
+
+    one = grads([task.batch("train", np.arange(4), torch.device("cpu"))])
+    two = grads(batches)
+    for name, g in one.items():
+        torch.testing.assert_close(two[name], g, atol=1e-6, rtol=1e-5)
 
 
 def test_sft_lowers_answer_loss(tmp_path, tokenizer, start, jsonl):  # noqa: F811
