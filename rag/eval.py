@@ -104,9 +104,12 @@ def read_qrels(path: Path) -> Qrels:
 def load_beir(root: Path, split: str, limit_queries: int | None = None) -> BeirData:
     """Read corpus.jsonl, queries.jsonl and qrels/<split>.tsv; keep judged queries (first N if limited)."""
     qrels = read_qrels(root / "qrels" / f"{split}.tsv")
-    rows = _read_jsonl(root / "corpus.jsonl")
-    corpus = {str(r["_id"]): (r.get("title") or "", r.get("text") or "") for r in rows}
-    all_queries = {str(r["_id"]): r["text"] for r in _read_jsonl(root / "queries.jsonl")}
+    try:
+        rows = _read_jsonl(root / "corpus.jsonl")
+        corpus = {str(r["_id"]): (r.get("title") or "", r.get("text") or "") for r in rows}
+        all_queries = {str(r["_id"]): r["text"] for r in _read_jsonl(root / "queries.jsonl")}
+    except (KeyError, TypeError, AttributeError) as exc:  # a row that is not {"_id", "text", ...}
+        raise ValueError(f"{root}: malformed BEIR row (missing or bad field {exc})") from None
     missing = [q for q in qrels if q not in all_queries]
     if missing:
         raise ValueError(f"{len(missing)} judged queries are missing from queries.jsonl (e.g. {missing[0]})")
@@ -134,10 +137,10 @@ def _corpus_key(root: Path) -> str:
 
 
 def _file_stem(doc_id: str) -> str:
-    """Doc ids become file names; anything unsafe in a name is hashed instead."""
+    """Doc ids become file names; anything unsafe in a name (or hidden, like ".5") is hashed instead."""
     return (
         doc_id
-        if re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", doc_id)
+        if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}", doc_id)
         else hashlib.sha1(doc_id.encode()).hexdigest()
     )
 
