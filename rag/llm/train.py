@@ -417,7 +417,8 @@ class Trainer:
         self.model.train()
         out = {f"val_{k}": v for k, v in self._mean(totals).items()}
         if getattr(self.task, "perplexity", True):  # a cross-entropy loss (not DPO's)
-            out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
+            ce = out.get("val_ce", out["val_loss"])  # without the MoE aux term
+            out["val_ppl"] = math.exp(min(ce, 50.0))
         return out
 
     def micro_divisors(self, batches: list[Batch]) -> list[torch.Tensor | int]:

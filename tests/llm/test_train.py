@@ -153,6 +153,19 @@ def test_metrics_log_and_loss_curve_png(tmp_path, corpus):  # noqa: F811
     assert image.shape[0] > 200 and image.shape[1] > 300 and image.std() > 0  # a real, non-blank plot
 
 
+def test_moe_perplexity_leaves_out_the_aux_loss(tmp_path, corpus):  # noqa: F811
+    """Perplexity is exp(cross-entropy): a (here huge) load-balancing term is logged apart, not in it."""
+    moe = {**TINY_MODEL, "ffn": "moe", "n_experts": 4, "moe_aux_weight": 50.0}
+    train_lm(tiny_config(corpus, tmp_path / "moe", model_overrides=moe, max_steps=2, eval_interval=2))
+    rows = [json.loads(line) for line in (tmp_path / "moe" / METRICS_FILE).read_text().splitlines()]
+    (val,) = [r for r in rows if r["kind"] == "eval"]
+    assert val["val_aux"] > 25.0  # the balance loss is about 1 (exactly 1 when balanced), times the weight
+    assert val["val_loss"] == pytest.approx(val["val_ce"] + val["val_aux"], rel=1e-5)
+    assert val["val_ppl"] == pytest.approx(math.exp(val["val_ce"])) and val["val_ppl"] < 2 * 320
+    train = [r for r in rows if r["kind"] == "train"]
+    assert all(r["loss"] == pytest.approx(r["ce"] + r["aux"], rel=1e-5) for r in train)
+
+
 def test_cli_trains_and_reports_bad_input(tmp_path, corpus):  # noqa: F811
     runner = CliRunner()
     out = tmp_path / "cli-run"
