@@ -10,7 +10,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Nothing in this project may reach a model hub at run time.
@@ -43,6 +43,14 @@ class Settings(BaseSettings):
         description="Folders the API may ingest from (paths outside them are refused).",
     )
     model_dir: Path = Field(Path("models/reader"), description="Checkpoint of our own decoder LLM.")
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> Settings:
+        if self.chunk_overlap >= self.chunk_tokens:
+            raise ValueError(
+                f"chunk_overlap ({self.chunk_overlap}) must be below chunk_tokens ({self.chunk_tokens})"
+            )
+        return self
 
     @property
     def max_file_bytes(self) -> int:

@@ -179,3 +179,12 @@ def test_eval_retrieval_on_tiny_beir(tmp_path, monkeypatch):
     )
     assert bad.exit_code == 1 and "qrels not found" in bad.stderr
     assert len(list((tmp_path / "cache").glob("rag/beir/beir-*/docs/*.md"))) == n_docs
+
+
+def test_overlap_not_below_chunk_size_is_a_settings_error():
+    from pydantic import ValidationError
+
+    from rag.config import Settings
+
+    with pytest.raises(ValidationError, match="chunk_overlap"):
+        Settings(chunk_tokens=50, chunk_overlap=50)
