@@ -392,10 +392,9 @@ class MoE(nn.Module):
         gates, chosen, probs = self.route(flat)
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
-            token, slot = (chosen == e).nonzero(as_tuple=True)
-            if token.numel():
-                y, _ = expert(flat[token])
-                out.index_add_(0, token, (y * gates[token, slot, None]).to(out.dtype))
+            token, slot = (chosen == e).nonzero(as_tuple=True)  # may be empty: no branch, one graph
+            y, _ = expert(flat[token])
+            out.index_add_(0, token, (y * gates[token, slot, None]).to(out.dtype))
         n_experts = len(self.experts)
         share = F.one_hot(chosen, n_experts).float().mean(dim=(0, 1))  # f_i (sums to 1)
         aux = n_experts * (share * probs.mean(dim=0)).sum()

@@ -360,6 +360,21 @@ def test_moe_routes_each_token_to_its_top_k_experts():
     torch.testing.assert_close(aux, 4 * (share / share.sum() * flat_p.mean(0)).sum())
 
 
+def test_moe_experts_without_tokens_add_nothing_and_get_zero_gradient():
+    """Every expert runs, even on zero tokens (no data-dependent branch for torch.compile to split on)."""
+    cfg = tiny(ffn="moe", n_experts=4, moe_top_k=1)
+    moe: MoE = make_model(cfg).blocks[0].ffn
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.tensor([1.0, 0.0, -1.0, -1.0])[:, None].expand(4, cfg.d_model))
+    x = torch.rand(2, 5, cfg.d_model)  # positive inputs: expert 0 has the largest logit for every token
+    out, _ = moe(x)
+    gate = moe.router(x).softmax(-1)[..., :1]
+    torch.testing.assert_close(out, gate * moe.experts[0](x)[0], atol=1e-6, rtol=0)
+    out.sum().backward()
+    idle = [p.grad for e in moe.experts[1:] for p in e.parameters()]
+    assert all(g is not None and not g.any() for g in idle)
+
+
 # --- training -----------------------------------------------------------------------------------
 
 
