@@ -535,13 +535,16 @@ class GPT(nn.Module):
                 f"idx must be a non-empty (B, T) integer tensor, got {tuple(idx.shape)} {idx.dtype}"
             )
         V = self.config.vocab_size
-        lo, hi = torch.stack([idx.min(), idx.max()]).tolist() if eager() else (0, 0)
+        # Value checks read the tensor back: on a GPU that is a sync per forward (eval, DPO reference,
+        # every decode step), so there out-of-range ids are left to the device-side index check.
+        values = eager() and idx.device.type == "cpu"
+        lo, hi = torch.stack([idx.min(), idx.max()]).tolist() if values else (0, 0)
         if lo < 0 or hi >= V:
             raise ValueError(f"token ids must be in [0, {V}), got [{lo}, {hi}]")
         if targets is not None:
             if targets.shape != idx.shape:
                 raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(idx.shape)}")
-            if eager() and bool(((targets != IGNORE_INDEX) & ((targets < 0) | (targets >= V))).any()):
+            if values and bool(((targets != IGNORE_INDEX) & ((targets < 0) | (targets >= V))).any()):
                 raise ValueError(f"targets must be in [0, {V}) or {IGNORE_INDEX} (ignored)")
             if last_only:
                 raise ValueError("last_only computes one position's logits; it cannot be used with targets")

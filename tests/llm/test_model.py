@@ -190,6 +190,16 @@ def test_bad_inputs_give_clear_errors():
         learned(tokens(learned.config, 1, 33))
 
 
+def test_value_checks_are_cpu_only_so_gpu_forwards_never_sync():
+    """The meta device holds no values: any read-back raises, as any read-back on a GPU would sync."""
+    model = make_model(tiny()).to("meta")
+    x = tokens(model.config, 2, 5).to("meta")
+    out = model(x + 100, targets=x + 100)  # out of range, but checked only on the CPU
+    assert out.logits.shape == (2, 5, model.config.vocab_size) and out.loss.device.type == "meta"
+    with pytest.raises(ValueError, match="targets shape"):  # shape checks cost no sync: still everywhere
+        model(x, targets=x[:, :3])
+
+
 # --- forward ------------------------------------------------------------------------------------
 
 
