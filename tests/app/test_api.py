@@ -2,67 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from rag.config import Settings
-from rag.ingest.job import ingest
-
-KEY = "test-key-123"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    (root / "docs").mkdir()
-    (root / "docs" / "zebra.md").write_text(
-        "# Zebras\n\nZebras are African equines with distinctive black-and-white striped coats.\n"
-    )
-    (root / "docs" / "faiss.txt").write_text("FAISS is a library for similarity search of vectors.\n")
-    (root / "outside").mkdir()
-    (root / "outside" / "secret.txt").write_text("This file lies outside the allowed ingest roots.\n")
-    ingest([root / "docs"], Settings(index_dir=root / "index"))
-    return root
-
-
-def start_server(root: Path, index: Path, api_key: str | None) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "RAG_INDEX_DIR": str(index), "RAG_INGEST_ROOTS": f'["{root / "docs"}"]'}
-    env.pop("RAG_API_KEY", None)
-    if api_key:
-        env["RAG_API_KEY"] = api_key
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.api:app", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=Path(__file__).resolve().parents[2],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start within 60 s")
+from tests.app.servers import KEY, start_server
 
 
 @pytest.fixture(scope="module")
