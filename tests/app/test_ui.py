@@ -100,6 +100,9 @@ def test_admin_page_lists_documents_and_refuses_a_wrong_key(ui, page):
     page.goto(ui)
     page.get_by_text("Admin").click()
     page.get_by_text("Documents (").wait_for(timeout=30_000)
-    page.locator('input[aria-label="API key"]').fill("wrong-key")
+    key = page.locator('input[aria-label="API key"]')
+    key.fill("wrong-key")
+    key.press("Enter")  # Streamlit commits a text input on Enter/blur, then reruns the script
+    page.wait_for_timeout(1500)
     page.get_by_role("button", name="Ingest").click()
-    page.get_by_text("401").first.wait_for(timeout=30_000)
+    page.get_by_text("missing or wrong X-API-Key").first.wait_for(timeout=60_000)
