@@ -34,14 +34,21 @@ def start_server(root: Path, index: Path, api_key: str | None) -> tuple[subproce
         stderr=subprocess.PIPE,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
+    wait_healthy(proc, f"{url}/health")
+    return proc, url
+
+
+def wait_healthy(proc: subprocess.Popen, health_url: str, timeout: float = 60.0) -> None:
+    """Poll `health_url` until it answers 200; kill `proc` and fail if it exits or times out."""
+    deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+            err = proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+            raise RuntimeError(f"server exited: {err}")
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
+            if httpx.get(health_url, timeout=1).status_code == 200:
+                return
         except httpx.HTTPError:
             time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("server did not start within 60 s")
+    raise RuntimeError(f"server did not answer {health_url} within {timeout:.0f} s")

@@ -10,13 +10,11 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.app.servers import KEY, free_port, start_server
+from tests.app.servers import KEY, free_port, start_server, wait_healthy
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium)")
@@ -48,17 +46,11 @@ def ui(corpus):
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/_stcore/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
+    try:
+        wait_healthy(proc, f"{url}/_stcore/health")
+    except RuntimeError:
         api.kill()
-        pytest.fail("streamlit did not start within 60 s")
+        raise
     yield url
     for p in (proc, api):
         p.terminate()
