@@ -33,7 +33,7 @@ MAX_PATH_CHARS = 4096
 class SearchRequest(BaseModel):
     query: str = Field(..., min_length=1, max_length=MAX_QUERY_CHARS)
     k: int = Field(5, ge=1, le=100)
-    mode: Literal["hybrid", "dense", "bm25"] = "hybrid"
+    mode: Literal[MODES] = "hybrid"  # type: ignore[valid-type]  # the retriever's own list
     mmr_lambda: float | None = Field(None, ge=0.0, le=1.0)
 
 
@@ -133,8 +133,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             store.delete_document(record.id)
         return {"deleted": {"id": record.id, "path": record.path}}
 
-    api.state.services = services
-    api.state.modes = MODES
     return api
 
 
