@@ -8,9 +8,7 @@ N ranks sees the same global batches as one process with an N times larger batch
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import itertools
 import json
 import os
@@ -22,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from rag.llm.tokenizer import iter_text_blocks
 
 TOKEN_DTYPE = np.uint16
 META_FILE = "meta.json"
@@ -67,26 +67,6 @@ def tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(tokenizer.to_json().encode("utf-8")).hexdigest()
 
 
-def _text_blocks(path: Path, block_chars: int, progress: tqdm) -> Iterator[str]:
-    """Line-aligned blocks of about block_chars characters; progress advances by bytes read from disk."""
-    with open(path, "rb") as raw:
-        stream = gzip.GzipFile(fileobj=raw) if path.name.endswith(".gz") else raw
-        text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="")
-        block: list[str] = []
-        size, seen = 0, 0
-        for line in text:
-            block.append(line)
-            size += len(line)
-            if size >= block_chars:
-                yield "".join(block)
-                block, size = [], 0
-                progress.update(raw.tell() - seen)
-                seen = raw.tell()
-        if block:
-            yield "".join(block)
-        progress.update(raw.tell() - seen)
-
-
 def check_vocab_fits(vocab_size: int) -> None:
     """Token ids are stored as uint16; vocab < 65536 also leaves 65535 free as a never-valid id."""
     if vocab_size >= np.iinfo(TOKEN_DTYPE).max + 1:
@@ -107,7 +87,8 @@ def prepare_corpus(
     Written in streaming fashion: each ~block_chars block of lines is encoded and appended, so memory
     stays flat. Without explicit val files every k-th block (k = 1/val_fraction) goes to val, which
     spreads validation text over the whole corpus; blocks shrink for small corpora so that val gets
-    several of them. Each file is one document: BOS ... EOS.
+    several of them. Each file is one document: BOS ... EOS. Files are read by iter_text_blocks, so
+    a stray invalid UTF-8 byte becomes U+FFFD with a warning, and a file in another encoding stops.
     """
     check_vocab_fits(tokenizer.vocab_size)
     if val_paths is None and not 0 < val_fraction < 1:
@@ -129,7 +110,7 @@ def prepare_corpus(
         progress = stack.enter_context(tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing"))
         block_index = 0
         for path, fixed_split in jobs:
-            blocks = _with_ends(_text_blocks(path, block_chars, progress))
+            blocks = _with_ends(iter_text_blocks([path], block_chars=block_chars, progress=progress))
             while group := list(itertools.islice(blocks, _ENCODE_GROUP)):
                 encoded = tokenizer.encode_batch([block for block, _, _ in group])
                 for ids, (_, first, last) in zip(encoded, group, strict=True):

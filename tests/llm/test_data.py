@@ -102,6 +102,28 @@ def test_memmap_round_trip_with_gz_and_explicit_val(tmp_path, tokenizer):
     assert (out / "train.bin").stat().st_size == 2 * len(train)
 
 
+def test_stray_bad_byte_is_kept_as_ufffd_and_reported_wrong_encoding_stops(tmp_path, tokenizer):
+    """Same reader as the tokenizer trainer: a corrupt byte warns (path, line), a latin-1 file is refused."""
+    text = toy_text(300, seed=6)
+    raw = text.encode("utf-8")
+    cut = raw.index("Ü".encode(), len(raw) // 2)
+    src = tmp_path / "one-bad-byte.txt"
+    src.write_bytes(raw[:cut] + b"\xff" + raw[cut + 2 :])  # "Ü" (2 bytes) -> one invalid byte
+    line = text.encode()[:cut].count(b"\n") + 1
+    with pytest.warns(UnicodeWarning, match=rf"one-bad-byte\.txt: 1 invalid UTF-8 .* line {line}\)"):
+        prepare_corpus([src], tokenizer, tmp_path / "out", val_fraction=0.2)
+    decoded = "".join(
+        tokenizer.decode(open_tokens(tmp_path / "out", s).tolist(), skip_special=True)
+        for s in ("train", "val")
+    )
+    assert decoded.count("\ufffd") == 1 and len(decoded) == len(text)
+
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.txt: \d+ invalid UTF-8 .*another encoding"):
+        prepare_corpus([latin1], tokenizer, tmp_path / "out2", val_fraction=0.2)
+
+
 def test_val_fraction_split_keeps_all_text(tmp_path, tokenizer):
     text = toy_text(1000, seed=5)
     src = tmp_path / "t.txt"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tqdm import tqdm
 
 from rag.llm.tokenizer import (
     ANSWER,
@@ -195,11 +197,45 @@ def test_train_tokenizer_from_gz_and_plain_files(tmp_path: Path) -> None:
 def test_train_tokenizer_bad_input(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="corpus file not found"):
         train_tokenizer([tmp_path / "nope.txt"], tmp_path / "t.json", show_progress=False)
-    (tmp_path / "latin1.txt").write_bytes("caf\xe9 na\xefve".encode("latin-1"))
-    with pytest.raises(ValueError, match="cannot read as UTF-8"):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 na\xefve\n".encode("latin-1") * 20)
+    with pytest.raises(
+        ValueError,
+        match=r"latin1\.txt: 40 invalid UTF-8 .* first 220 char.* line 1\); is it in another encoding",
+    ):
         train_tokenizer([tmp_path / "latin1.txt"], tmp_path / "t.json", show_progress=False)
     (tmp_path / "fake.gz").write_bytes(b"not gzip at all")
-    with pytest.raises(ValueError, match="cannot read as UTF-8"):
+    with pytest.raises(ValueError, match=r"fake\.gz: not a readable gzip file"):
         train_tokenizer([tmp_path / "fake.gz"], tmp_path / "t.json", show_progress=False)
     with pytest.raises(ValueError, match="no corpus files"):
         train_tokenizer([], tmp_path / "t.json")
+
+
+def test_text_blocks_replace_count_and_warn_on_stray_bad_bytes(tmp_path: Path) -> None:
+    """One bad byte is replaced and reported (file, count, line); a genuine U+FFFD is not counted."""
+    lines = [f"{i} ünïcode line, already replaced: \ufffd\n" for i in range(400)]
+    raw = "".join(lines).encode("utf-8")
+    bad_at = raw.index(b"\xc3", len("".join(lines[:2]).encode()))  # first byte of "ü" on line 3
+    (tmp_path / "bad.txt").write_bytes(raw[:bad_at] + b"\xff" + raw[bad_at + 2 :])
+    with gzip.open(tmp_path / "b.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(lines))
+    paths = [tmp_path / "bad.txt", tmp_path / "b.txt.gz"]
+
+    progress = tqdm(total=sum(p.stat().st_size for p in paths), file=io.StringIO())
+    with pytest.warns(UnicodeWarning, match=r"bad\.txt: 1 invalid UTF-8 sequences .* line 3\)") as caught:
+        blocks = list(iter_text_blocks(paths, block_chars=500, progress=progress))
+    assert len(caught) == 1  # the .gz file is clean
+    fixed = "".join(lines).replace("2 ü", "2 \ufffd", 1)
+    assert "".join(blocks) == fixed + "".join(lines)
+    assert len(blocks) > 20 and all(b.endswith("\n") for b in blocks)  # whole lines only
+    assert progress.n == progress.total  # advanced by bytes read from disk, compressed for .gz
+
+    with pytest.warns(UnicodeWarning, match="bad.txt"):
+        head = "".join(iter_text_blocks(paths, max_chars=len(fixed) + 123, block_chars=500))
+    assert head == fixed + "".join(lines)[:123]  # max_chars counts characters over all files
+
+
+def test_text_blocks_truncated_gz_is_a_clear_error(tmp_path: Path) -> None:
+    data = gzip.compress(("word " * 20 + "\n").encode() * 2000)
+    (tmp_path / "cut.txt.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut\.txt\.gz: not a readable gzip file"):
+        list(iter_text_blocks([tmp_path / "cut.txt.gz"]))
