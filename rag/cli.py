@@ -24,7 +24,7 @@ from rich.table import Table
 from bench.cli import app as bench_app
 from rag.config import Settings, get_settings
 from rag.embed import get_embedder
-from rag.eval import run_beir
+from rag.eval import pick_split, run_beir
 from rag.ingest.job import IngestReport, ProgressEvent, ingest
 from rag.llm.cli import app as llm_app
 from rag.retrieve import Retriever
@@ -59,7 +59,7 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except (UserError, StoreError, OSError, ValueError) as exc:
-            err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False)
+            err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -241,7 +241,10 @@ def eval_retrieval_cmd(
     beir: Annotated[
         Path, typer.Option("--beir", help="BEIR dataset folder (corpus.jsonl, queries.jsonl, qrels/).")
     ],
-    split: Annotated[str, typer.Option("--split", help="Qrels split: qrels/SPLIT.tsv.")] = "test",
+    split: Annotated[
+        str | None,
+        typer.Option("--split", help="Qrels split: qrels/SPLIT.tsv (default: test, else dev, else train)."),
+    ] = None,
     limit_queries: Annotated[
         int | None, typer.Option("--limit-queries", min=1, help="Evaluate only the first N queries.")
     ] = None,
@@ -252,6 +255,8 @@ def eval_retrieval_cmd(
 ) -> None:
     """nDCG@10, Recall@100 and MRR@10 of dense, bm25 and hybrid retrieval on a BEIR dataset."""
     show = not as_json
+    picked = "" if split else " (picked: first of test, dev, train in qrels/)"
+    split = pick_split(beir, split)  # before the progress bar, so a bad split is one clean line
     with ingest_progress(show) as on_progress:
         result = run_beir(
             beir,
@@ -269,13 +274,13 @@ def eval_retrieval_cmd(
         "nDCG@10",
         "Recall@100",
         "MRR@10",
-        title=f"{beir.name} / {split}: {result['queries']} queries, {result['documents']} documents",
+        title=f"{beir.name} / {split}: {result['queries']} queries, {result['documents']} docs",
     )
     for mode in ("dense", "bm25", "hybrid"):
         m = result[mode]
         table.add_row(mode, f"{m['ndcg@10']:.4f}", f"{m['recall@100']:.4f}", f"{m['mrr@10']:.4f}")
     console.print(table)
-    console.print(f"index: {result['index']}", highlight=False)
+    console.print(f"split: {split}{picked}\nindex: {result['index']}", highlight=False)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,33 @@ def read_qrels(path: Path) -> Qrels:
     return qrels
 
 
+SPLIT_PREFERENCE = ("test", "dev", "train")  # BEIR datasets often ship only some of these
+
+
+def pick_split(root: Path, split: str | None = None) -> str:
+    """`split` if root/qrels has it, else (split None) the first of test, dev, train that it has.
+
+    Public copies of BEIR sets are often trimmed (the shared SciFact has only train qrels), so a
+    fixed default would fail; a wrong explicit split is an error that lists the splits there are.
+    """
+    if not root.is_dir():
+        raise FileNotFoundError(f"BEIR folder not found: {root}")
+    available = sorted(p.stem for p in (root / "qrels").glob("*.tsv"))
+    listed = ", ".join(available) or "none"
+    if split is None:
+        split = next((s for s in SPLIT_PREFERENCE if s in available), None)
+        if split is None:
+            raise FileNotFoundError(
+                f"BEIR qrels not found: {root / 'qrels'} has none of {', '.join(SPLIT_PREFERENCE)} "
+                f"(available splits: {listed})"
+            )
+    elif split not in available:
+        raise FileNotFoundError(
+            f"BEIR qrels not found: {root / 'qrels' / f'{split}.tsv'} (available splits: {listed})"
+        )
+    return split
+
+
 def load_beir(root: Path, split: str, limit_queries: int | None = None) -> BeirData:
     """Read corpus.jsonl, queries.jsonl and qrels/<split>.tsv; keep judged queries (first N if limited)."""
     qrels = read_qrels(root / "qrels" / f"{split}.tsv")
@@ -182,7 +209,7 @@ def doc_run(
 
 def run_beir(
     root: Path,
-    split: str,
+    split: str | None,
     settings: Settings,
     *,
     index_dir: Path | None = None,
@@ -190,9 +217,11 @@ def run_beir(
     on_progress: Callable[[ProgressEvent], None] | None = None,
     show_progress: bool = False,
 ) -> dict:
-    """Ingest a BEIR corpus (incrementally) and score dense, bm25 and hybrid retrieval on one split."""
-    if not root.is_dir():
-        raise FileNotFoundError(f"BEIR folder not found: {root}")
+    """Ingest a BEIR corpus (incrementally) and score dense, bm25 and hybrid retrieval on one split.
+
+    split None picks one (see pick_split); the result says which under "split".
+    """
+    split = pick_split(root, split)
     data = load_beir(root, split, limit_queries)
     key = _corpus_key(root)
     docs_dir = cache_dir() / "beir" / key / "docs"
@@ -216,6 +245,7 @@ def run_beir(
     stats = store.stats()
     store.close()
     result |= {
+        "split": split,
         "queries": len(data.queries),
         "documents": len(data.corpus),
         "chunks": stats.get("chunks"),

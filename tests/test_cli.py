@@ -161,8 +161,9 @@ def write_beir(root: Path) -> None:
 def test_eval_retrieval_on_tiny_beir(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where the corpus files are written
     write_beir(tmp_path / "beir")
-    args = ("eval", "retrieval", "--beir", tmp_path / "beir", "--split", "dev", "--index", tmp_path / "idx")
-    result = rag_json(*args)
+    args = ("eval", "retrieval", "--beir", tmp_path / "beir", "--index", tmp_path / "idx")
+    result = rag_json(*args)  # no --split: the only qrels file is dev.tsv, so dev is picked
+    assert result["split"] == "dev"
     for mode in ("dense", "bm25", "hybrid"):
         assert set(result[mode]) == {"ndcg@10", "recall@100", "mrr@10"}
         assert result[mode]["recall@100"] == 1.0  # every doc is retrieved from a 5-doc corpus
@@ -172,12 +173,12 @@ def test_eval_retrieval_on_tiny_beir(tmp_path, monkeypatch):
     assert result["ingest"]["ingested"] == n_docs
     again = rag_json(*args, "--limit-queries", "2")
     assert again["queries"] == 2 and again["ingest"]["unchanged"] == n_docs
-    table = rag(*args).stdout
-    assert "hybrid" in table and "nDCG@10" in table
-    bad = rag(
-        "eval", "retrieval", "--beir", tmp_path / "beir", "--split", "nope", "--index", tmp_path / "idx"
-    )
-    assert bad.exit_code == 1 and "qrels not found" in bad.stderr
+    table = rag(*args, "--split", "dev").stdout
+    assert "hybrid" in table and "nDCG@10" in table and "beir / dev:" in table and "split: dev\n" in table
+    bad = run_rag(*args, "--split", "test", env={"COLUMNS": "80"})  # a real terminal width
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr.startswith("Error: BEIR qrels not found") and bad.stderr.count("\n") == 1  # one line
+    assert "test.tsv (available splits: dev)" in bad.stderr
     assert len(list((tmp_path / "cache").glob("rag/beir/beir-*/docs/*.md"))) == n_docs
 
 

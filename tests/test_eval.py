@@ -10,7 +10,16 @@ import ir_measures
 import pytest
 from ir_measures import RR, R, nDCG
 
-from rag.eval import evaluate, load_beir, mrr_at_k, ndcg_at_k, ranked, read_qrels, recall_at_k
+from rag.eval import (
+    evaluate,
+    load_beir,
+    mrr_at_k,
+    ndcg_at_k,
+    pick_split,
+    ranked,
+    read_qrels,
+    recall_at_k,
+)
 
 
 def test_hand_computed_single_query():
@@ -106,6 +115,28 @@ def test_load_beir_errors_are_clear(tmp_path):
     (tmp_path / "qrels" / "bad.tsv").write_text("header\n1 d1 1\n")
     with pytest.raises(ValueError, match="3 tab-separated"):
         read_qrels(tmp_path / "qrels" / "bad.tsv")
+
+
+def test_pick_split_prefers_test_then_dev_then_train(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"has none of test, dev, train \(available splits: none\)"):
+        pick_split(tmp_path)
+    qrels = tmp_path / "qrels"
+    qrels.mkdir()
+    (qrels / "extra.tsv").write_text("query-id\tcorpus-id\tscore\n")
+    with pytest.raises(FileNotFoundError, match=r"has none of .* \(available splits: extra\)"):
+        pick_split(tmp_path)
+    assert pick_split(tmp_path, "extra") == "extra"  # any split that exists may be named
+    for name in ("train", "dev", "test"):  # each one added wins over those before it
+        (qrels / f"{name}.tsv").write_text("query-id\tcorpus-id\tscore\n")
+        assert pick_split(tmp_path) == name
+    (qrels / "train.tsv").unlink()
+    with pytest.raises(FileNotFoundError, match=r"train\.tsv \(available splits: dev, extra, test\)"):
+        pick_split(tmp_path, "train")
+
+
+def test_scifact_default_split_is_one_it_has(shared_data):
+    root = shared_data / "beir" / "scifact"
+    assert (root / "qrels" / f"{pick_split(root)}.tsv").is_file()
 
 
 def test_scifact_qrels_shape(shared_data):
