@@ -5,7 +5,8 @@ shared, so absolute milliseconds drift): KV-cache decoding against recomputing t
 for each new token, and a sliding-window ring-buffer cache at a late position against an early
 one. Timings use torch.inference_mode, drop warmup steps and take the median. Decoding speed does
 not depend on the weights, so these runs use freshly initialised models and random prompt ids.
-On CUDA the same command also measures training throughput/MFU and compiled decoding.
+Compiled decoding (static cache, torch.compile) is measured against the eager engine on the CPU
+and, on CUDA, in bf16 with CUDA graphs; on CUDA the command also measures training tok/s and MFU.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bench.scaling import SmallRun, bench_data, train_small
+from rag.llm.cache import KVCache
+from rag.llm.generate import CompiledDecoder
 from rag.llm.model import GPT, ModelConfig
 
 KV_CONTEXTS = (128, 512, 1024)
@@ -51,6 +54,7 @@ def decode_ms(
     *,
     cached: bool = True,
     step: Step | None = None,
+    new_cache: Callable[[int], KVCache] | None = None,
     seed: int = 0,
 ) -> tuple[dict[int, float], dict[int, list[int]]]:
     """Median milliseconds per greedy decode step, for steps that end at each context length in `positions`,
@@ -60,20 +64,21 @@ def decode_ms(
     `p - warmup - new_tokens`; then the positions take turns, one timed step each, so a change in the
     load of a shared CPU hits every position alike. The first `warmup` steps are dropped.
     cached=True keeps a KV cache per sequence and feeds one token per step (`step` may replace the
-    model call, e.g. a compiled one); cached=False is the baseline that recomputes the forward over
-    the whole sequence for every new token.
+    model call, e.g. a compiled one, and `new_cache(p)` the cache, e.g. a static one);
+    cached=False is the baseline that recomputes the forward over the whole sequence for every new token.
     """
     device = model.tok_emb.weight.device
     span = warmup + new_tokens
     if min(positions) <= span:
         raise ValueError(f"positions must exceed warmup + new_tokens = {span}, got {min(positions)}")
     step = step or _cached_step(model)
+    new_cache = new_cache or (lambda p: model.new_cache(1, p))
     seqs, caches = {}, {}
     for p in positions:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + p)
         seqs[p] = torch.randint(0, model.config.vocab_size, (1, p - span), generator=gen).to(device)
         if cached:  # the cache holds all but the last token, which the first step feeds
-            caches[p] = model.new_cache(1, p)
+            caches[p] = new_cache(p)
             for chunk in seqs[p][:, :-1].split(PREFILL_CHUNK, dim=1):
                 model(chunk, cache=caches[p], last_only=True)
     times: dict[int, list[float]] = {p: [] for p in positions}
@@ -148,7 +153,7 @@ def window_scaling(
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA only: training throughput / MFU and compiled decoding
+# Training throughput / MFU (CUDA) and compiled decoding (CPU and CUDA)
 
 
 class RandomTokens:
@@ -220,15 +225,22 @@ def compiled_decoding(
     position: int = 512,
     new_tokens: int = 128,
 ) -> dict:
-    """Decode tokens/s, eager vs torch.compile'd step, with the same preallocated KV cache.
-
-    The cache never reallocates; its keys grow one slot per step, which torch.compile handles with
-    one dynamic-shape graph after its first recompilation (both compilations fall in the warmup).
-    """
+    """Decode tokens/s at `position`: the eager engine (a cache read up to the last written slot)
+    vs `CompiledDecoder` (torch.compile'd step over a static cache of the full context; on CUDA
+    replayed as a CUDA graph). Compilation falls in the warmup steps; its time is reported."""
     model = new_model(config, device, dtype)
     eager, eager_ids = decode_ms(model, (position,), new_tokens, warmup=8)
-    compiled_step = torch.compile(_cached_step(model))
-    compiled, compiled_ids = decode_ms(model, (position,), new_tokens, warmup=8, step=compiled_step)
+    t0 = time.perf_counter()
+    decoder = CompiledDecoder(model)
+    compiled, compiled_ids = decode_ms(
+        model,
+        (position,),
+        new_tokens,
+        warmup=8,
+        step=lambda tok, cache: decoder.step(tok, cache, None),
+        new_cache=lambda p: decoder.cache(1),
+    )
+    total_s = time.perf_counter() - t0
     eager, compiled = eager[position], compiled[position]
     eager_ids, compiled_ids = eager_ids[position], compiled_ids[position]
     return {
@@ -236,6 +248,9 @@ def compiled_decoding(
         "eager_tok_per_s": 1e3 / eager,
         "compiled_tok_per_s": 1e3 / compiled,
         "speedup": eager / compiled,
+        "mode": decoder.mode,
+        "dtype": str(dtype).removeprefix("torch."),
+        "compile_and_run_s": total_s,
         # bf16 kernels may round differently and flip a near-tie, after which the sequences part
         "token_agreement": np.mean([a == b for a, b in zip(eager_ids, compiled_ids, strict=True)]).item(),
     }
@@ -263,6 +278,8 @@ def run_llm_bench(
         "window_ratio_sliding": window[0]["ratio"],
         "window_ratio_full": window[1]["ratio"],
     }
+    progress("CPU: decoding, eager vs compiled static cache (fp32) ...")
+    result["cpu_decode"] = compiled_decoding(config, "cpu", torch.float32, new_tokens=4 * new_tokens)
     if torch.cuda.is_available():
         progress("CUDA: training throughput (default preset, bf16, fused AdamW, torch.compile) ...")
         result["cuda_training"] = training_throughput("cuda", "default")

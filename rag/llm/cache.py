@@ -8,6 +8,12 @@ cache is a ring buffer of the window's span, so memory and per-token cost stay O
     sliding: window_size    dilated: window_size * dilation    global: window_size + global tokens
 
 Global tokens leaving the ring are moved into their own slots, since every later query sees them.
+
+A *static* cache (full attention) is for compiled decoding, as in gpt-fast: attention always reads
+the whole preallocated buffer (empty slots are masked by their position -1) and the write cursor is
+a tensor, so every decode step has the same shapes and touches no Python state -- torch.compile
+captures one graph and CUDA graphs can replay it. The price is attending over max_len slots from
+the first step; eager decoding keeps the default, which reads only the slots written so far.
 """
 
 from __future__ import annotations
@@ -22,6 +28,12 @@ from rag.llm.masks import attention_mask, row_positions
 if TYPE_CHECKING:
     from rag.llm.model import ModelConfig
 
+
+def eager() -> bool:
+    """Value checks read tensors back (a device sync, a torch.compile graph break): eager mode only."""
+    return not torch.compiler.is_compiling()
+
+
 RING_SPAN = {
     "full": lambda c: None,
     "sliding": lambda c: c.window_size,
@@ -31,13 +43,14 @@ RING_SPAN = {
 
 
 class KVCache:
-    """Per-layer K/V buffers (n_layer, B, n_kv_head, size, head_dim) plus per-slot positions (B, size).
+    """Per-layer K/V buffers n_layer x (B, n_kv_head, size, head_dim) plus per-slot positions (B, size).
 
     Use: `q_pos, k_pos = cache.begin(valid)` once per forward (positions of the new tokens and of
     the keys they see), then `k, v = cache.update(layer, k, v)` in every layer. `length` counts the
     tokens written (padding included); `next_pos` (B,) counts each row's real tokens.
     max_len bounds full attention; a window whose span is shorter than max_len uses a ring buffer
-    and has no length limit.
+    and has no length limit. static=True (full-attention buffers only; see the module docstring)
+    returns the whole buffer from `update`, for torch.compile.
     """
 
     def __init__(
@@ -47,6 +60,7 @@ class KVCache:
         max_len: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        static: bool = False,
     ):
         max_len = config.block_size if max_len is None else max_len
         if batch_size < 1 or max_len < 1:
@@ -55,12 +69,22 @@ class KVCache:
         span = RING_SPAN[config.window](config)
         self.ring = span is not None and span < max_len
         self.size = span if self.ring else max_len
+        if static and self.ring:
+            raise ValueError(
+                f"a static cache needs full-size buffers, but window={config.window!r} with span {span} < "
+                f"max_len={max_len} uses a ring buffer; use static=False"
+            )
+        self.static = static
         n_global = len(config.global_positions) if self.ring else 0
-        kv_shape = (config.n_layer, batch_size, config.n_kv_head)
-        self.k = torch.zeros(*kv_shape, self.size, config.head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-        self.global_k = torch.zeros(*kv_shape, n_global, config.head_dim, device=device, dtype=dtype)
-        self.global_v = torch.zeros_like(self.global_k)
+
+        # One tensor per layer, not one stacked tensor: a compiled step then writes into its inputs
+        # in place, where a write into a view of a stacked buffer is copied out and back whole.
+        def buffers(slots: int) -> list[Tensor]:
+            shape = (batch_size, config.n_kv_head, slots, config.head_dim)
+            return [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+
+        self.k, self.v = buffers(self.size), buffers(self.size)
+        self.global_k, self.global_v = buffers(n_global), buffers(n_global)
         self.global_ids = torch.tensor(config.global_positions[:n_global], device=device, dtype=torch.long)
         self.pos = torch.empty(batch_size, self.size, device=device, dtype=torch.long)
         self.global_pos = torch.empty(batch_size, n_global, device=device, dtype=torch.long)
@@ -68,6 +92,11 @@ class KVCache:
         self.evicted = torch.empty(
             batch_size, device=device, dtype=torch.long
         )  # newest non-global key dropped
+        self.cursor = torch.empty((), device=device, dtype=torch.long)  # slots written (static mode)
+        if static and torch.device(device or "cpu").type == "cuda":
+            # fixed addresses let CUDA graphs replay steps that write into these buffers in place
+            for t in (*self.k, *self.v, self.pos, self.next_pos, self.cursor):
+                torch._dynamo.mark_static_address(t)
         self.reset()
 
     def reset(self) -> None:
@@ -76,11 +105,18 @@ class KVCache:
         self.global_pos.fill_(-1)
         self.next_pos.zero_()
         self.evicted.fill_(-1)
-        self.length = 0
+        self.cursor.zero_()
+        self._length = 0
         self._plan: tuple = ()
 
+    @property
+    def length(self) -> int:
+        """Tokens written so far, padding included (a device read in static mode)."""
+        return int(self.cursor) if self.static else self._length
+
     def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.global_k, self.global_v))
+        buffers = (*self.k, *self.v, *self.global_k, *self.global_v)
+        return sum(t.numel() * t.element_size() for t in buffers)
 
     def begin(self, valid: Tensor) -> tuple[Tensor, Tensor]:
         """Register T new tokens (valid (B, T), False = padding): returns their positions (B, T) and
@@ -89,11 +125,11 @@ class KVCache:
         if rows != self.batch_size:
             raise ValueError(f"batch of {rows} rows does not match the cache's batch_size={self.batch_size}")
         q_pos = row_positions(valid, self.next_pos)
-        start, end = self.length, self.length + T
+        if self.static:
+            return q_pos, self._begin_static(valid, q_pos)
+        start, end = self._length, self._length + T
         if not self.ring and end > self.size:
-            raise ValueError(
-                f"KV cache full: {start} + {T} tokens > max_len={self.size}; use a larger max_len"
-            )
+            self._refuse(start, T)
         if self.ring and bool(attention_mask(q_pos, self.evicted[:, None], self.config).any()):
             raise ValueError(
                 "a query needs a key already evicted from the windowed KV cache (e.g. a global position "
@@ -101,12 +137,31 @@ class KVCache:
                 "or use a larger cache"
             )
         self.next_pos += valid.sum(dim=1)
-        self.length = end
+        self._length = end
         if self.ring:
             return q_pos, self._plan_ring(q_pos, start)
         self.pos[:, start:end] = q_pos
         self._plan = (start,)
         return q_pos, self.pos[:, :end]
+
+    def _refuse(self, start: int, T: int) -> None:
+        raise ValueError(f"KV cache full: {start} + {T} tokens > max_len={self.size}; use a larger max_len")
+
+    def _begin_static(self, valid: Tensor, q_pos: Tensor) -> Tensor:
+        """Write the new positions at the tensor cursor; every key slot is returned (empties are -1).
+
+        Compiled code skips the room check (it would read the cursor back); the caller sizes the
+        cache (as `generate` does), and an index past the buffer is a device-side error.
+        """
+        T = valid.size(1)
+        if eager() and int(self.cursor) + T > self.size:
+            self._refuse(int(self.cursor), T)
+        slots = self.cursor + torch.arange(T, device=self.cursor.device)
+        self.pos.index_copy_(1, slots, q_pos)
+        self.next_pos += valid.sum(dim=1)
+        self.cursor += T
+        self._plan = (slots,)
+        return self.pos
 
     def _plan_ring(self, q_pos: Tensor, start: int) -> Tensor:
         """Keys seen are [global slots, ring, new tokens]; the last `size` new tokens then overwrite
@@ -130,13 +185,18 @@ class KVCache:
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store this layer's new keys/values (B, n_kv_head, T, head_dim) as planned by `begin` and
         return all keys/values the new queries attend to, in the order of begin's key positions."""
-        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        k, v = k.to(self.k[layer].dtype), v.to(self.v[layer].dtype)
+        if self.static:
+            (slots,) = self._plan
+            self.k[layer].index_copy_(2, slots, k)
+            self.v[layer].index_copy_(2, slots, v)
+            return self.k[layer], self.v[layer]
         if not self.ring:
             (start,) = self._plan
             end = start + k.size(2)
-            self.k[layer, :, :, start:end] = k
-            self.v[layer, :, :, start:end] = v
-            return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+            self.k[layer][:, :, start:end] = k
+            self.v[layer][:, :, start:end] = v
+            return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
         slots, first_kept, rows, src, dst = self._plan
         keys = torch.cat([self.global_k[layer], self.k[layer], k], dim=2)
         values = torch.cat([self.global_v[layer], self.v[layer], v], dim=2)

@@ -7,11 +7,15 @@ device->host copy of the sampled ids, and an incremental UTF-8 decode of their b
 
 Batches are left-padded; the model counts positions per row, so each row generates exactly what
 it would alone, and stops on its own.
+
+`CompiledDecoder` is the fast path (gpt-fast's recipe): a torch.compile'd one-token step over a
+static KV cache that is reused across calls, so every step has the same shapes and, on CUDA, is
+replayed as a CUDA graph. Prefill stays eager (prompt lengths vary).
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -181,9 +185,50 @@ def _prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int], vocab: int) -
     return ids
 
 
+Forward = Callable[[Tensor, KVCache, "Tensor | None"], Tensor]  # (idx, cache, pad_mask) -> last logits
+
+
+def forward_last(model: GPT) -> Forward:
+    """The model's logits for the last new token: the one call an engine makes per step."""
+    return lambda idx, cache, pad_mask: model(idx, cache=cache, pad_mask=pad_mask, last_only=True).logits
+
+
+class CompiledDecoder:
+    """Decode steps compiled once per model, over static KV caches reused across calls.
+
+    A static cache (`KVCache(static=True)`) of the model's full context gives every step the same
+    shapes, so torch.compile captures one graph (`fullgraph=True`: a graph break is an error, not
+    a silent slowdown). Reusing each batch size's cache keeps its buffers at the same addresses,
+    which CUDA graphs ("reduce-overhead", the default mode on CUDA) need. Full attention only:
+    windowed models already decode from an O(window) ring buffer.
+    """
+
+    def __init__(self, model: GPT, mode: str | None = None):
+        if model.config.window != "full":
+            raise ValueError(
+                f"compiled decoding uses a static full-attention cache; window={model.config.window!r} "
+                "models decode eagerly from their ring buffer"
+            )
+        self.model = model
+        on_cuda = model.tok_emb.weight.device.type == "cuda"
+        self.mode = mode if mode is not None else ("reduce-overhead" if on_cuda else "default")
+        self.step: Forward = torch.compile(forward_last(model), fullgraph=True, mode=self.mode)
+        self._caches: dict[int, KVCache] = {}
+
+    def cache(self, batch_size: int) -> KVCache:
+        """An empty static cache of the model's context for this batch size (the same one each time)."""
+        with torch.inference_mode():  # the engine decodes in inference mode; so are its caches
+            cache = self._caches.get(batch_size)
+            if cache is None:
+                cache = self.model.new_cache(batch_size, self.model.config.block_size, static=True)
+                self._caches[batch_size] = cache
+            cache.reset()
+        return cache
+
+
 @torch.inference_mode()
 def _step(
-    model: GPT,
+    forward: Forward,
     idx: Tensor,
     cache: KVCache,
     pad_mask: Tensor | None,
@@ -192,7 +237,7 @@ def _step(
     vocab: int,
 ) -> Tensor:
     """Feed idx (B, T) through the cache and sample the next token of every row."""
-    logits = model(idx, cache=cache, pad_mask=pad_mask, last_only=True).logits[:, -1, :vocab]
+    logits = forward(idx, cache, pad_mask)[:, -1, :vocab]
     # (the model may pad its vocabulary; only the tokenizer's ids can be decoded)
     return sample(logits, config.temperature, config.top_k, config.top_p, gen)
 
@@ -203,8 +248,11 @@ def _run(
     prompts: Sequence[str | Sequence[int]],
     config: GenerationConfig,
     rows: list[Completion],
+    decoder: CompiledDecoder | None = None,
 ) -> Iterator[tuple[int, str]]:
     """The engine: yields (row, text piece) as text becomes final; appends a Completion per prompt to rows."""
+    if decoder is not None and decoder.model is not model:
+        raise ValueError("the CompiledDecoder was built for another model")
     ids = [_prompt_ids(tokenizer, p, model.config.vocab_size) for p in prompts]
     lens = [len(p) for p in ids]
     limit = context_limit(model)
@@ -240,9 +288,14 @@ def _run(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
-            cache = model.new_cache(B, T + max(budgets) - 1)
-        next_ids = _step(model, idx.to(device), cache, pad_mask, config, gen, vocab)
+        eager = forward_last(model)
+        if decoder is None:
+            with torch.inference_mode():
+                cache = model.new_cache(B, T + max(budgets) - 1)
+        else:  # the static cache holds block_size >= T + budget - 1 (the budgets keep to the context)
+            cache = decoder.cache(B)
+        decode = decoder.step if decoder is not None else eager
+        next_ids = _step(eager, idx.to(device), cache, pad_mask, config, gen, vocab)
         active = None  # (B, 1) bool once a row is done: finished rows are fed as padding
         while True:
             for i, token in enumerate(next_ids.tolist()):
@@ -255,7 +308,7 @@ def _run(
                     active = torch.tensor([[not r.done] for r in rows], device=device)
             if all(r.done for r in rows):
                 return
-            next_ids = _step(model, next_ids[:, None], cache, active, config, gen, vocab)
+            next_ids = _step(decode, next_ids[:, None], cache, active, config, gen, vocab)
     finally:
         model.train(was_training)
 
@@ -265,19 +318,27 @@ def generate(
     tokenizer: Tokenizer,
     prompts: Sequence[str] | Sequence[Sequence[int]],
     config: GenerationConfig | None = None,
+    decoder: CompiledDecoder | None = None,
 ) -> list[GenerationResult]:
-    """Complete each prompt (text, or token ids used as given); one batched pass, rows stop independently."""
+    """Complete each prompt (text, or token ids used as given); one batched pass, rows stop independently.
+
+    decoder: a CompiledDecoder of this model for compiled decode steps (same tokens as eager).
+    """
     config = config or GenerationConfig()
     if isinstance(prompts, str):
         raise TypeError("generate takes a list of prompts; use [prompt] for one")
     rows: list[Completion] = []
-    for _ in _run(model, tokenizer, prompts, config, rows):
+    for _ in _run(model, tokenizer, prompts, config, rows, decoder):
         pass
     return [row.result() for row in rows]
 
 
 def stream(
-    model: GPT, tokenizer: Tokenizer, prompt: str | Sequence[int], config: GenerationConfig | None = None
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int],
+    config: GenerationConfig | None = None,
+    decoder: CompiledDecoder | None = None,
 ) -> Generator[str, None, GenerationResult]:
     """Yield text pieces as they become final: never half a character, never part of a stop string.
 
@@ -285,6 +346,6 @@ def stream(
     result (ids, finish_reason) is the generator's return value: `result = yield from stream(...)`.
     """
     rows: list[Completion] = []
-    for _, piece in _run(model, tokenizer, [prompt], config or GenerationConfig(), rows):
+    for _, piece in _run(model, tokenizer, [prompt], config or GenerationConfig(), rows, decoder):
         yield piece
     return rows[0].result()

@@ -18,15 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rag.llm.cache import KVCache
+from rag.llm.cache import KVCache, eager
 from rag.llm.masks import WINDOWS, attention_mask, row_positions
 
 IGNORE_INDEX = -100
-
-
-def eager() -> bool:
-    """Value checks read tensors back (a device sync, a torch.compile graph break): eager mode only."""
-    return not torch.compiler.is_compiling()
 
 
 @dataclass
@@ -464,10 +459,10 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """A KV cache on this model's device and dtype."""
+    def new_cache(self, batch_size: int, max_len: int | None = None, static: bool = False) -> KVCache:
+        """A KV cache on this model's device and dtype (static: for compiled decoding)."""
         p = self.tok_emb.weight
-        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype, static=static)
 
     def forward(
         self,

@@ -16,7 +16,15 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from bench.cli import app
-from bench.llm import decode_ms, kv_cache_speedup, new_model, perplexity, training_throughput, window_scaling
+from bench.llm import (
+    compiled_decoding,
+    decode_ms,
+    kv_cache_speedup,
+    new_model,
+    perplexity,
+    training_throughput,
+    window_scaling,
+)
 from bench.scaling import PowerLaw, SmallRun, fit_power_law, plot_scaling, train_small
 from rag.llm.data import open_tokens
 from rag.llm.model import ModelConfig
@@ -104,6 +112,14 @@ def test_training_throughput_runs_the_train_loop_step():
     )
     assert out["tokens_per_step"] == 2 * 32 and out["tok_per_s"] > 0
     assert out["mfu"] is None and out["device"] == "cpu"  # no peak FLOP/s for a CPU
+
+
+def test_compiled_decoding_decodes_the_eager_tokens():
+    """The compiled static-cache step (inductor on the CPU) and the eager engine agree token for token."""
+    torch._dynamo.reset()
+    r = compiled_decoding(TINY, "cpu", torch.float32, position=40, new_tokens=6)
+    assert r["token_agreement"] == 1.0 and r["mode"] == "default" and r["dtype"] == "float32"
+    assert r["speedup"] == pytest.approx(r["compiled_tok_per_s"] / r["eager_tok_per_s"])
 
 
 def test_cli_bad_preset_is_one_line_error():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from rag.llm.generate import (
+    CompiledDecoder,
     Completion,
     GenerationConfig,
     context_limit,
@@ -308,3 +309,24 @@ def test_trained_model_stops_at_eos_and_streams_whole_characters(tok: Tokenizer,
     ]
     assert no_eos.finish_reason == "length" and tok.eos_id in no_eos.token_ids
     assert no_eos.text.startswith(ANSWER)  # EOS itself is a special token: not in the text
+
+
+def test_compiled_decoder_generates_what_eager_does(tok: Tokenizer) -> None:
+    """torch.compile (inductor) over a static cache: the same tokens, batched or alone, greedy or
+    sampled; a second call of the same shape reuses the compiled step and the cache."""
+    torch._dynamo.reset()
+    model = random_model()
+    decoder = CompiledDecoder(model)
+    sampled = GenerationConfig(max_new_tokens=16, temperature=1.0, top_k=50, seed=3, stop_at_eos=False)
+    for cfg in (GREEDY, sampled):
+        assert generate(model, tok, PROMPTS, cfg, decoder=decoder) == generate(model, tok, PROMPTS, cfg)
+    cache = decoder.cache(len(PROMPTS))
+    assert (
+        "".join(stream(model, tok, PROMPTS[1], GREEDY, decoder))
+        == generate(model, tok, PROMPTS[1:], GREEDY)[0].text
+    )
+    assert decoder.cache(len(PROMPTS)) is cache and cache.length == 0
+    with pytest.raises(ValueError, match="another model"):
+        generate(random_model(), tok, PROMPTS, GREEDY, decoder=decoder)
+    with pytest.raises(ValueError, match="ring buffer"):
+        CompiledDecoder(random_model(**ARCHS["sliding"]))
