@@ -207,6 +207,7 @@ def training_throughput(
     peak = peak_flops(trainer.rt.device)
     return {
         "preset": preset,
+        "params": model.num_params(),
         "tokens_per_step": tokens,
         "dtype": str(trainer.dtype).removeprefix("torch."),
         "compile": cfg.compile,
