@@ -22,7 +22,7 @@ from rag.config import Settings, get_settings
 from rag.embed import get_embedder
 from rag.ingest.job import ingest
 from rag.retrieve import MODES, Retriever
-from rag.store import SQLITE_MAX_INT, IndexBusy, Store, StoreError
+from rag.store import SQLITE_MAX_INT, IndexBusy, ModelMismatch, Store, StoreError
 from rag.types import Hit
 
 MAX_QUERY_CHARS = 2000
@@ -51,23 +51,43 @@ class IngestRequest(BaseModel):
 
 
 class Services:
-    """The open index and embedder, shared by all requests; re-synced when another process writes."""
+    """The open index and embedder, shared by all requests; re-synced when another process writes.
+
+    The index is opened without a model check, so listing and stats work on an index built with
+    any embedding model (as `rag docs` / `rag stats` do) and never load the embedder; only search
+    checks the model and loads it, on first use.
+    """
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self._lock = threading.Lock()
+        self._store: Store | None = None
         self._retriever: Retriever | None = None
 
+    def store(self) -> Store:
+        with self._lock:
+            if self._store is None:
+                self._store = Store(self.settings.index_dir, embedding_model=None, readonly=True)
+            else:
+                self._store.refresh()
+            return self._store
+
     def retriever(self) -> Retriever:
+        store = self.store()
+        model = self.settings.embedding_model
+        if store.embedding_model != model:  # its vectors would not be comparable with the queries'
+            raise ModelMismatch(
+                f"index {store.index_dir} was built with embedding model {store.embedding_model!r}, "
+                f"the server is configured with {model!r}; search needs the index's model "
+                f"(RAG_EMBEDDING_MODEL) or another index directory"
+            )
         with self._lock:
             if self._retriever is None:
-                store = Store(
-                    self.settings.index_dir, embedding_model=self.settings.embedding_model, readonly=True
-                )
-                embedder = get_embedder(self.settings.embedding_model, self.settings.device)
+                try:
+                    embedder = get_embedder(model, self.settings.device)
+                except ValueError as exc:  # the configured model cannot be loaded here
+                    raise HTTPException(503, str(exc)) from None
                 self._retriever = Retriever(store, embedder)
-            else:
-                self._retriever.store.refresh()
             return self._retriever
 
     def writer(self) -> Store:
@@ -84,8 +104,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @api.exception_handler(StoreError)
     async def store_error(_: Request, exc: StoreError) -> JSONResponse:
-        # A missing index or another ingest running are conditions of the server, not crashes.
-        status = 409 if isinstance(exc, IndexBusy) else 503
+        # A missing index, another ingest running or an index of another embedding model are
+        # conditions of the server, not crashes.
+        status = 409 if isinstance(exc, IndexBusy | ModelMismatch) else 503
         return JSONResponse(status_code=status, content={"detail": str(exc)})
 
     @api.exception_handler(RequestValidationError)
@@ -113,11 +134,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @api.get("/v1/documents")
     def documents() -> list[dict]:
-        return [d.to_dict() for d in services.retriever().store.documents()]
+        return [d.to_dict() for d in services.store().documents()]
 
     @api.get("/v1/stats")
     def stats() -> dict:
-        return services.retriever().store.stats()
+        return services.store().stats()
 
     @api.post("/v1/ingest", dependencies=[Depends(require_admin)])
     def ingest_paths(req: IngestRequest) -> dict:

@@ -7,6 +7,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from rag.config import DEFAULT_EMBEDDING_MODEL, Settings
+from rag.embed import resolve_model
+from rag.ingest.job import ingest
 from tests.app.servers import KEY, start_server
 
 
@@ -129,3 +132,49 @@ def test_delete_on_a_missing_index_creates_nothing(tmp_path, corpus):
 def test_openapi_docs_are_served(server):
     spec = httpx.get(f"{server}/openapi.json", timeout=30).json()
     assert {"/v1/search", "/v1/ingest", "/v1/documents"} <= set(spec["paths"])
+
+
+@pytest.fixture(scope="module")
+def foreign_index(tmp_path_factory) -> tuple[Path, str]:
+    """An index built under another model name (the bundled weights behind a symlink, gone after)."""
+    root = tmp_path_factory.mktemp("foreign")
+    (root / "docs").mkdir()
+    (root / "docs" / "heron.md").write_text("# Herons\n\nHerons are long-legged freshwater wading birds.\n")
+    link = root / "model-now-gone"
+    link.symlink_to(resolve_model(DEFAULT_EMBEDDING_MODEL), target_is_directory=True)
+    ingest([root / "docs"], Settings(index_dir=root / "index", embedding_model=str(link)))
+    link.unlink()
+    return root, str(link)
+
+
+def test_listing_works_on_an_index_of_another_model_search_is_409(foreign_index):
+    root, model = foreign_index
+    proc, url = start_server(root, root / "index", api_key=None)  # the default embedding model
+    try:
+        docs = httpx.get(f"{url}/v1/documents", timeout=30)
+        assert docs.status_code == 200, docs.text
+        assert [Path(d["path"]).name for d in docs.json()] == ["heron.md"]
+        stats = httpx.get(f"{url}/v1/stats", timeout=30).json()
+        assert stats["documents"] == 1 and stats["embedding_model"] == model
+        r = httpx.post(f"{url}/v1/search", json={"query": "wading birds"}, timeout=30)
+        assert r.status_code == 409, r.text
+        assert model in r.json()["detail"] and repr(DEFAULT_EMBEDDING_MODEL) in r.json()["detail"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_listing_never_loads_the_embedder(foreign_index, monkeypatch):
+    """The server's model is the index's, but cannot be loaded: only search may notice."""
+    root, model = foreign_index
+    monkeypatch.setenv("RAG_EMBEDDING_MODEL", model)
+    proc, url = start_server(root, root / "index", api_key=None)
+    try:
+        assert httpx.get(f"{url}/v1/documents", timeout=30).status_code == 200
+        r = httpx.post(f"{url}/v1/search", json={"query": "wading birds"}, timeout=30)
+        assert r.status_code == 503 and "cannot load embedding model" in r.json()["detail"]
+        stats = httpx.get(f"{url}/v1/stats", timeout=30)
+        assert stats.status_code == 200 and stats.json()["documents"] == 1
+    finally:
+        proc.terminate()
+        proc.wait(10)
