@@ -50,7 +50,9 @@ class KVCache:
     tokens written (padding included); `next_pos` (B,) counts each row's real tokens.
     max_len bounds full attention; a window whose span is shorter than max_len uses a ring buffer
     and has no length limit. static=True (full-attention buffers only; see the module docstring)
-    returns the whole buffer from `update`, for torch.compile.
+    returns the whole buffer from `update`, for torch.compile. ring=False keeps every key of a
+    windowed model (max_len slots; the mask still applies the window), e.g. for global tokens
+    that must see keys a ring would have dropped.
     """
 
     def __init__(
@@ -61,13 +63,14 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
         static: bool = False,
+        ring: bool = True,
     ):
         max_len = config.block_size if max_len is None else max_len
         if batch_size < 1 or max_len < 1:
             raise ValueError(f"batch_size and max_len must be >= 1, got {batch_size}, {max_len}")
         self.config, self.batch_size, self.max_len = config, batch_size, max_len
         span = RING_SPAN[config.window](config)
-        self.ring = span is not None and span < max_len
+        self.ring = ring and span is not None and span < max_len
         self.size = span if self.ring else max_len
         if static and self.ring:
             raise ValueError(

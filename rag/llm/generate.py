@@ -15,7 +15,9 @@ replayed as a CUDA graph. Prefill stays eager (prompt lengths vary).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -38,10 +40,14 @@ class GenerationConfig:
     stop_at_eos: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "top_k", "seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (isinstance(self.temperature, int | float) and 0 <= self.temperature < math.inf):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
@@ -70,7 +76,8 @@ def sample(
     """Next token per row from logits (B, V): argmax at temperature 0, else top-k/top-p sampling."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # shifted so the best logit is 0: a tiny temperature then gives -inf for the rest, never inf - inf
+    logits = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -177,7 +184,11 @@ def _prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int], vocab: int) -
     """Strings start a document (BOS first, their text never parsed for specials); ids are used as given."""
     if isinstance(prompt, str):
         return tokenizer.encode(prompt, add_bos=True)
-    ids = prompt.tolist() if isinstance(prompt, Tensor) else [int(i) for i in prompt]
+    if isinstance(prompt, int | float) or not isinstance(prompt, Sequence | Tensor):
+        raise TypeError(f"a prompt is a str or a sequence of token ids, got {type(prompt).__name__}")
+    ids = prompt.tolist() if isinstance(prompt, Tensor) else list(prompt)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise TypeError("prompt token ids must be integers")
     if not ids:
         raise ValueError("empty prompt: give at least one token id (e.g. the BOS id)")
     if min(ids) < 0 or max(ids) >= vocab:
@@ -198,9 +209,10 @@ class CompiledDecoder:
 
     A static cache (`KVCache(static=True)`) of the model's full context gives every step the same
     shapes, so torch.compile captures one graph (`fullgraph=True`: a graph break is an error, not
-    a silent slowdown). Reusing each batch size's cache keeps its buffers at the same addresses,
-    which CUDA graphs ("reduce-overhead", the default mode on CUDA) need. Full attention only:
-    windowed models already decode from an O(window) ring buffer.
+    a silent slowdown). Caches are pooled by shape and reused, which keeps their buffers at the
+    same addresses, as CUDA graphs ("reduce-overhead", the default mode on CUDA) need; a cache is
+    lent to one generation at a time, so interleaved streams never share one. Full attention
+    only: windowed models already decode from an O(window) ring buffer.
     """
 
     def __init__(self, model: GPT, mode: str | None = None):
@@ -213,17 +225,33 @@ class CompiledDecoder:
         on_cuda = model.tok_emb.weight.device.type == "cuda"
         self.mode = mode if mode is not None else ("reduce-overhead" if on_cuda else "default")
         self.step: Forward = torch.compile(forward_last(model), fullgraph=True, mode=self.mode)
-        self._caches: dict[int, KVCache] = {}
+        self._free: dict[tuple[int, int], list[KVCache]] = {}
 
-    def cache(self, batch_size: int) -> KVCache:
-        """An empty static cache of the model's context for this batch size (the same one each time)."""
+    @contextmanager
+    def cache(self, batch_size: int, slots: int | None = None) -> Iterator[KVCache]:
+        """Lend an empty static cache of batch_size rows and at least `slots` slots (default: the
+        model's context). Usually that is block_size; left padding can need more slots than any
+        row has positions, and then a larger cache is made (and compiled for) once."""
+        size = max(self.model.config.block_size, slots or 0)
+        free = self._free.setdefault((batch_size, size), [])
         with torch.inference_mode():  # the engine decodes in inference mode; so are its caches
-            cache = self._caches.get(batch_size)
-            if cache is None:
-                cache = self.model.new_cache(batch_size, self.model.config.block_size, static=True)
-                self._caches[batch_size] = cache
+            cache = free.pop() if free else self.model.new_cache(batch_size, size, static=True)
             cache.reset()
-        return cache
+        try:
+            yield cache
+        finally:
+            free.append(cache)
+
+
+@torch.inference_mode()
+def _new_cache(model: GPT, batch_size: int, slots: int) -> KVCache:
+    """The eager engine's cache. A global token beyond the first window must see every earlier key,
+    which a ring buffer has already dropped, so such models keep all keys (the mask still applies
+    the window); other windows decode from their O(window) ring."""
+    cfg = model.config
+    if cfg.window == "global" and any(p >= cfg.window_size for p in cfg.global_positions):
+        return model.new_cache(batch_size, slots, ring=False)
+    return model.new_cache(batch_size, slots)
 
 
 @torch.inference_mode()
@@ -287,13 +315,14 @@ def _run(
 
     was_training = model.training
     model.eval()
+    slots = T + max(budgets) - 1  # every token fed, padding included
+    resources = ExitStack()  # a CompiledDecoder's cache goes back to its pool when generation ends
     try:
         eager = forward_last(model)
         if decoder is None:
-            with torch.inference_mode():
-                cache = model.new_cache(B, T + max(budgets) - 1)
-        else:  # the static cache holds block_size >= T + budget - 1 (the budgets keep to the context)
-            cache = decoder.cache(B)
+            cache = _new_cache(model, B, slots)
+        else:
+            cache = resources.enter_context(decoder.cache(B, slots))
         decode = decoder.step if decoder is not None else eager
         next_ids = _step(eager, idx.to(device), cache, pad_mask, config, gen, vocab)
         active = None  # (B, 1) bool once a row is done: finished rows are fed as padding
@@ -310,6 +339,7 @@ def _run(
                 return
             next_ids = _step(decode, next_ids[:, None], cache, active, config, gen, vocab)
     finally:
+        resources.close()
         model.train(was_training)
 
 

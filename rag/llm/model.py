@@ -459,10 +459,10 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, static: bool = False) -> KVCache:
-        """A KV cache on this model's device and dtype (static: for compiled decoding)."""
+    def new_cache(self, batch_size: int, max_len: int | None = None, **options: bool) -> KVCache:
+        """A KV cache on this model's device and dtype; options: static, ring (see KVCache)."""
         p = self.tok_emb.weight
-        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype, static=static)
+        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype, **options)
 
     def forward(
         self,

@@ -223,6 +223,15 @@ def test_sample_filters_on_known_distribution() -> None:
     assert (cold == 0).float().mean().item() > 0.99
 
 
+def test_global_token_beyond_the_window_decodes_from_a_short_prompt(tok: Tokenizer) -> None:
+    """Position 9 is global: decoding reaches it and it must see keys a 4-slot ring would have dropped."""
+    model = random_model(window="global", window_size=4, global_positions=(0, 9))
+    prompts = ["a", "ROMEO: hi there good sir"]
+    for batch in ([prompts[0]], [prompts[1]], prompts):
+        for p, res in zip(batch, generate(model, tok, batch, GREEDY), strict=True):
+            assert res.token_ids == naive_greedy(model, tok.encode(p, add_bos=True), GREEDY.max_new_tokens)
+
+
 def test_stream_matches_generate(tok: Tokenizer) -> None:
     model = random_model()
     for cfg in (GREEDY, GenerationConfig(max_new_tokens=40, temperature=1.0, seed=7, stop_at_eos=False)):
@@ -255,6 +264,11 @@ def test_bad_input(tok: Tokenizer) -> None:
         {"top_p": 0.0},
         {"top_p": 1.5},
         {"stop_strings": [""]},
+        {"temperature": float("nan")},
+        {"temperature": float("inf")},
+        {"max_new_tokens": 2.5},
+        {"top_k": 3.0},
+        {"seed": "1"},
     ):
         with pytest.raises(ValueError):
             GenerationConfig(**bad)
@@ -263,6 +277,17 @@ def test_bad_input(tok: Tokenizer) -> None:
         generate(model, tok, [[]])
     with pytest.raises(ValueError, match="prompt token ids must be in"):
         generate(model, tok, [[V]])
+    with pytest.raises(TypeError, match="sequence of token ids"):
+        generate(model, tok, [1, 2])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="must be integers"):
+        generate(model, tok, [[1, 2.5]])
+    # a tiny temperature is (almost) greedy, never NaN probabilities
+    greedy8 = GenerationConfig(max_new_tokens=8, stop_at_eos=False)
+    cold = GenerationConfig(max_new_tokens=8, temperature=1e-30, seed=0, stop_at_eos=False)
+    assert (
+        generate(model, tok, ["ROMEO:"], cold)[0].token_ids
+        == generate(model, tok, ["ROMEO:"], greedy8)[0].token_ids
+    )
     with pytest.raises(TypeError, match="list of prompts"):
         generate(model, tok, "ROMEO:")  # type: ignore[arg-type]
     assert generate(model, tok, []) == []
@@ -320,12 +345,24 @@ def test_compiled_decoder_generates_what_eager_does(tok: Tokenizer) -> None:
     sampled = GenerationConfig(max_new_tokens=16, temperature=1.0, top_k=50, seed=3, stop_at_eos=False)
     for cfg in (GREEDY, sampled):
         assert generate(model, tok, PROMPTS, cfg, decoder=decoder) == generate(model, tok, PROMPTS, cfg)
-    cache = decoder.cache(len(PROMPTS))
-    assert (
-        "".join(stream(model, tok, PROMPTS[1], GREEDY, decoder))
-        == generate(model, tok, PROMPTS[1:], GREEDY)[0].text
-    )
-    assert decoder.cache(len(PROMPTS)) is cache and cache.length == 0
+    with decoder.cache(len(PROMPTS)) as cache:
+        pass
+    with decoder.cache(len(PROMPTS)) as again:
+        assert again is cache and cache.length == 0  # pooled and reused, emptied
+    # two streams interleaved step by step never share a cache
+    alone = [generate(model, tok, [p], GREEDY)[0].text for p in PROMPTS[:2]]
+    streams = [stream(model, tok, p, GREEDY, decoder) for p in PROMPTS[:2]]
+    pieces: list[list[str]] = [[], []]
+    for _ in range(GREEDY.max_new_tokens + 1):
+        for it, out in zip(streams, pieces, strict=True):
+            out.append(next(it, ""))
+    assert ["".join(p) for p in pieces] == alone
+    # left padding: a short row may decode more tokens than the model's context has slots
+    long_short = [list(range(5, 5 + 60)), [7, 8]]
+    many = GenerationConfig(max_new_tokens=40, stop_at_eos=False)
+    compiled = generate(model, tok, long_short, many, decoder=decoder)
+    assert compiled == generate(model, tok, long_short, many)
+    assert [len(r.token_ids) for r in compiled] == [5, 40]  # block_size 64: 64 - 60 + 1, and all 40
     with pytest.raises(ValueError, match="another model"):
         generate(random_model(), tok, PROMPTS, GREEDY, decoder=decoder)
     with pytest.raises(ValueError, match="ring buffer"):

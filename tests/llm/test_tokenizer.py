@@ -136,7 +136,9 @@ def test_stream_decoder_matches_full_decode(tok: Tokenizer, data: st.DataObject)
     pieces = [dec.push(i) for i in ids]
     assert "".join(pieces) + dec.flush() == tok.decode(ids, skip_special=True)
 
-    text = data.draw(st.text(st.characters(exclude_characters="\ufffd"), max_size=40))
+    # lone surrogates (category Cs) are not valid Unicode text: encode refuses them by design
+    chars = st.characters(exclude_characters="\ufffd", exclude_categories=("Cs",))
+    text = data.draw(st.text(chars, max_size=40))
     dec = tok.stream_decoder()
     pieces = [dec.push(i) for i in tok.encode(text)]
     assert not any("\ufffd" in p for p in pieces)
