@@ -1,0 +1,242 @@
+"""Answering: retrieved hits -> the reader's prompt -> our decoder -> text with checked citations.
+
+One pipeline for the CLI (`rag ask`), the REST API (`/v1/ask`) and evaluation, so every entry point
+answers the same way. Streaming is the primitive: `answer` drains `stream`, so the streamed pieces
+are, by construction, the final text.
+
+Without sources there is nothing to cite, so the reader abstains without calling the model: a
+small model asked with no context would answer from its weights, which is what RAG is meant to
+avoid.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from rag.citations import CITATION_RE, Citation, parse_citations
+from rag.llm.checkpoint import load_checkpoint
+from rag.llm.generate import CompiledDecoder, GenerationConfig, stream
+from rag.llm.model import GPT
+from rag.llm.tokenizer import Tokenizer
+from rag.prompt import ABSTAIN, Prompt, Source, build_prompt
+from rag.retrieve import Retriever
+from rag.types import Hit
+
+T = TypeVar("T")
+DEFAULT_MAX_NEW_TOKENS = 96  # answers are short: a span and its citation, or the abstention sentence
+
+
+class ReaderUnavailable(ValueError):
+    """No usable reader checkpoint; the message names the path and how to get one."""
+
+
+@dataclass
+class Answer:
+    question: str
+    text: str  # generated text, stripped; special tokens never appear
+    abstained: bool  # text is ABSTAIN, or there were no sources (then no model call)
+    citations: list[Citation]
+    sources: list[Source]  # all sources the model was shown, numbered 1..k
+    finish_reason: str  # "stop" | "length" | "no_sources"
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """The JSON shape shared by `rag ask --json` and `POST /v1/ask`."""
+        return {
+            "question": self.question,
+            "answer": self.text,
+            "abstained": self.abstained,
+            "citations": [c.to_dict() for c in self.citations],
+            "sources": [s.to_dict() for s in self.sources],
+            "finish_reason": self.finish_reason,
+            "timings": self.timings,
+        }
+
+
+def hit_to_source(hit: Hit) -> Source:
+    """A retrieval hit as a prompt source (n=0: build_prompt numbers the sources it keeps)."""
+    return Source(
+        n=0,
+        title=hit.title,
+        page=hit.page,
+        start=hit.start,
+        end=hit.end,
+        text=hit.text,
+        doc_id=hit.doc_id,
+        chunk_id=hit.chunk_id,
+        path=hit.path,
+    )
+
+
+def is_abstention(text: str) -> bool:
+    """The text says ABSTAIN (ignoring case, spacing and any citation marker glued to it)."""
+    return " ".join(CITATION_RE.sub(" ", text).split()).casefold() == ABSTAIN.casefold()
+
+
+def _stripped(pieces: Generator[str, None, T]) -> Generator[str, None, T]:
+    """Re-yield text pieces as pieces of the stripped text: leading space dropped, trailing space
+    held back until more text follows, so the output joins to "".join(pieces).strip() and no piece
+    is ever retracted. Returns what `pieces` returns."""
+    held, started = "", False
+    while True:
+        try:
+            piece = next(pieces)
+        except StopIteration as end:
+            return end.value
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        body = piece.rstrip()
+        if body:
+            yield held + body
+            held = ""
+        held += piece[len(body) :]
+
+
+def _drain(gen: Generator[str, None, Answer]) -> Answer:
+    while True:
+        try:
+            next(gen)
+        except StopIteration as end:
+            return end.value
+
+
+def _ms(since: float) -> float:
+    return round((time.perf_counter() - since) * 1000, 3)
+
+
+class Reader:
+    """Our trained decoder as a question answerer over sources."""
+
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer: Tokenizer,
+        *,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        decoder: CompiledDecoder | None = None,
+    ):
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(
+                f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
+            )
+        self.model, self.tokenizer, self.decoder = model, tokenizer, decoder
+        self.max_new_tokens = max_new_tokens
+        self._check_room(max_new_tokens)
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str = "cpu", **kw) -> Reader:
+        """The reader from a checkpoint folder (rag.llm.checkpoint); ReaderUnavailable if missing or
+        unreadable, with a message fit for the user (the API shows it as a 503)."""
+        path = Path(model_dir)
+        if not path.is_dir():
+            raise ReaderUnavailable(
+                f"no reader model at {path}: train one with `make reader` / see docs/user-guide.md"
+            )
+        try:
+            model, tokenizer = load_checkpoint(path, device)
+        except Exception as e:  # corrupt json, torn safetensors (SafetensorError), wrong shapes, ...
+            raise ReaderUnavailable(f"reader model at {path} cannot be loaded: {e}") from e
+        try:
+            return cls(model, tokenizer, **kw)
+        except ValueError as e:  # e.g. a tokenizer larger than the model's vocabulary
+            raise ReaderUnavailable(f"reader model at {path} cannot be used: {e}") from e
+
+    @property
+    def block_size(self) -> int:
+        return self.model.config.block_size
+
+    def _check_room(self, max_new_tokens: int) -> None:
+        if not 0 < max_new_tokens < self.block_size:
+            raise ValueError(
+                f"max_new_tokens must be in [1, {self.block_size - 1}] for a model context of "
+                f"{self.block_size} tokens, got {max_new_tokens}"
+            )
+
+    def prompt(self, question: str, hits: Sequence[Hit], max_new_tokens: int | None = None) -> Prompt:
+        """The prompt for `question` over `hits` (best first), leaving room for the answer in the
+        model's context: budget = block_size - max_new_tokens (default: the reader's)."""
+        max_new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        self._check_room(max_new)
+        sources = [hit_to_source(h) for h in hits]
+        return build_prompt(self.tokenizer, question, sources, self.block_size - max_new)
+
+    def config(self, config: GenerationConfig | None = None) -> GenerationConfig:
+        """The given config, or the default: greedy, stop at EOS, the reader's max_new_tokens."""
+        return config if config is not None else GenerationConfig(max_new_tokens=self.max_new_tokens)
+
+    def stream(
+        self, question: str, hits: Sequence[Hit], config: GenerationConfig | None = None
+    ) -> Generator[str, None, Answer]:
+        """Yield answer text pieces as they become final; return the full Answer (citations are
+        parsed once the text is complete): `answer = yield from reader.stream(...)`.
+
+        Bad input (empty question, max_new_tokens too large) raises here, at the call, before any
+        piece: an HTTP stream can still answer 422 instead of failing halfway.
+        """
+        config = self.config(config)
+        question = question.strip()
+        prompt = self.prompt(question, hits, config.max_new_tokens)
+        return self._stream(question, prompt, config)
+
+    def _stream(
+        self, question: str, prompt: Prompt, config: GenerationConfig
+    ) -> Generator[str, None, Answer]:
+        if not prompt.sources:  # nothing retrieved, or no room for any: nothing to answer from
+            return Answer(question, ABSTAIN, True, [], [], "no_sources", {"generate_ms": 0.0})
+        start = time.perf_counter()
+        result = yield from _stripped(stream(self.model, self.tokenizer, prompt.ids, config, self.decoder))
+        text = result.text.strip()
+        timings = {
+            "generate_ms": _ms(start),
+            "prompt_tokens": result.prompt_tokens,
+            "new_tokens": len(result.token_ids),
+        }
+        citations = parse_citations(text, prompt.sources)
+        return Answer(
+            question, text, is_abstention(text), citations, prompt.sources, result.finish_reason, timings
+        )
+
+    def answer(self, question: str, hits: Sequence[Hit], config: GenerationConfig | None = None) -> Answer:
+        """The whole answer at once (same result as draining `stream`)."""
+        return _drain(self.stream(question, hits, config))
+
+
+def ask_stream(
+    question: str,
+    retriever: Retriever,
+    reader: Reader,
+    *,
+    k: int = 5,
+    mode: str = "hybrid",
+    config: GenerationConfig | None = None,
+) -> Generator[str, None, Answer]:
+    """Retrieve the top-k chunks for `question` (now: bad input raises at the call), then stream
+    the reader's answer over them; the Answer's timings include "retrieve_ms"."""
+    start = time.perf_counter()
+    hits = retriever.search(question, k, mode)
+    retrieve_ms = _ms(start)
+    return _with_timing(reader.stream(question, hits, config), retrieve_ms=retrieve_ms)
+
+
+def _with_timing(answer: Generator[str, None, Answer], **timings: float) -> Generator[str, None, Answer]:
+    result = yield from answer
+    result.timings = {**timings, **result.timings}
+    return result
+
+
+def ask(
+    question: str,
+    retriever: Retriever,
+    reader: Reader,
+    *,
+    k: int = 5,
+    mode: str = "hybrid",
+    config: GenerationConfig | None = None,
+) -> Answer:
+    """Retrieval + reader in one call; timings include "retrieve_ms"."""
+    return _drain(ask_stream(question, retriever, reader, k=k, mode=mode, config=config))
