@@ -287,19 +287,28 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float,
         return F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=True
         ), None
-    # Masked kernels (memory-efficient) do not take enable_gqa: give each query head its KV head.
-    group = q.size(1) // k.size(1)
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    # Masked kernels do not take enable_gqa. Rather than copy each KV head to its query heads, fold
+    # a KV head's query heads into its query rows: (B, H, T, d) -> (B, H_kv, G*T, d). Query head h
+    # uses KV head h // G, as repeat_interleave would, and K/V are read once per KV head -- which
+    # is what makes GQA/MQA cheaper to decode.
+    B, H, T, D = q.shape
+    n_kv = k.size(1)
+    G = H // n_kv
     if mask is None:
-        mask = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()
-    elif mask.dtype != torch.bool:
-        mask = mask.to(q.dtype)
+        mask = torch.ones(T, k.size(-2), dtype=torch.bool, device=q.device).tril()[None, None]
+    if mask.dtype == torch.bool:  # (B|1, 1, T, Tk): the same for every head
+        mask = mask.unsqueeze(2).expand(-1, -1, G, -1, -1).flatten(2, 3)
+    else:  # additive per-head bias (B|1, H, T, Tk)
+        mask = mask.to(q.dtype).unflatten(1, (n_kv, G)).flatten(2, 3)
+    q = q.reshape(B, n_kv, G * T, D)
     if not need_weights:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout), None
-    scores = (q @ k.transpose(-2, -1)).float() * q.size(-1) ** -0.5
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return y.view(B, H, T, D), None
+    scores = (q @ k.transpose(-2, -1)).float() * D**-0.5
     scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     weights = scores.softmax(dim=-1).to(q.dtype)
-    return F.dropout(weights, dropout) @ v, weights
+    y = F.dropout(weights, dropout) @ v
+    return y.view(B, H, T, D), weights.view(B, H, T, -1)
 
 
 class Attention(nn.Module):

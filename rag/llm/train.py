@@ -326,12 +326,16 @@ class Trainer:
         # Same init everywhere (DDP also broadcasts), but each rank gets its own dropout stream.
         if not cfg.resume:
             torch.manual_seed(cfg.seed + self.rt.rank)
+        if cfg.compile and getattr(self.raw_model.config, "ffn", None) == "moe":
+            # MoE picks each expert's tokens with nonzero(), whose output size depends on the data;
+            # without this dynamo splits the graph there and runs the experts eagerly.
+            torch._dynamo.config.capture_dynamic_output_shape_ops = True
         self.model: nn.Module = torch.compile(self.raw_model) if cfg.compile else self.raw_model
         if self.rt.ddp:
             ids = [self.rt.local_rank] if self.rt.device.type == "cuda" else None
-            # An MoE step may leave an expert without tokens: DDP must not wait for its gradient.
-            moe = getattr(self.raw_model.config, "ffn", None) == "moe"
-            self.model = DDP(self.model, device_ids=ids, find_unused_parameters=moe)
+            # Every expert runs every step (on zero tokens if none are routed to it), so all
+            # parameters get a gradient and DDP needs no search for unused ones.
+            self.model = DDP(self.model, device_ids=ids)
 
     # ---- state ---------------------------------------------------------------------------------
 

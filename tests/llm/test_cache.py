@@ -192,3 +192,11 @@ def test_static_decode_step_compiles_to_one_graph():
         steps = [compiled(x[:, i : i + 1].clone(), cache) for i in range(8, 20)]
     assert len(graphs) == 1
     torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 8:], atol=ATOL, rtol=0)
+
+
+def test_moe_top1_cached_decoding_matches_full_forward():
+    """Switch-style routing (k = 1 keeps the raw gate): the grid only has k = 2."""
+    cfg = tiny(ffn="moe", moe_top_k=1, pos="alibi", n_kv_head=1)
+    model = make_model(cfg)
+    x = tokens(cfg, 2, SEQ)
+    torch.testing.assert_close(decode(model, x, [5, 1, 8]), model(x).logits, atol=ATOL, rtol=0)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import asdict
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -33,11 +34,24 @@ def cli_args(cfg: TrainConfig) -> list[str]:
     return args
 
 
-def test_two_gloo_ranks_equal_one_process_on_the_combined_batch(tmp_path, corpus):  # noqa: F811
+# MoE without its balancing loss (computed per rank, it differs by design): DDP also needs no
+# unused-parameter search, since every expert runs (on zero tokens if none are routed to it).
+MOE = {"ffn": "moe", "n_experts": 4, "moe_top_k": 1, "moe_aux_weight": 0.0}
+
+
+@pytest.mark.parametrize("model", [{}, MOE], ids=["dense", "moe"])
+def test_two_gloo_ranks_equal_one_process_on_the_combined_batch(tmp_path, corpus, model):  # noqa: F811
     """grad_accum=2 runs both paths: a no_sync() micro-step, then the all-reducing one (the only one at 1)."""
     grad_accum = 2
+    overrides = {"model_overrides": {**TINY_MODEL, **model}}
     ddp_cfg = tiny_config(
-        corpus, tmp_path / "ddp", batch_size=2, grad_accum=grad_accum, max_steps=3, eval_interval=3
+        corpus,
+        tmp_path / "ddp",
+        batch_size=2,
+        grad_accum=grad_accum,
+        max_steps=3,
+        eval_interval=3,
+        **overrides,
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -48,7 +62,13 @@ def test_two_gloo_ranks_equal_one_process_on_the_combined_batch(tmp_path, corpus
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     single = tiny_config(
-        corpus, tmp_path / "one", batch_size=4, grad_accum=grad_accum, max_steps=3, eval_interval=3
+        corpus,
+        tmp_path / "one",
+        batch_size=4,
+        grad_accum=grad_accum,
+        max_steps=3,
+        eval_interval=3,
+        **overrides,
     )
     train_lm(single)
 
