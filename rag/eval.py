@@ -11,7 +11,9 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable
+import string
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,3 +255,53 @@ def run_beir(
         "ingest": report.to_dict(),
     }
     return result
+
+
+# ------------------------------------------------------------------------------ SQuAD answer metrics
+# The official SQuAD v1.1 evaluation (evaluate-v1.1.py): answers are compared after lowercasing and
+# removing punctuation, the articles a/an/the and extra whitespace; a prediction scores the best of
+# its EM / token F1 against each gold answer.
+
+_ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, drop punctuation, drop articles, collapse whitespace (in the official order)."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES_RE.sub(" ", text).split())
+
+
+def _require_golds(golds: Sequence[str]) -> None:
+    if isinstance(golds, str) or not golds:
+        raise ValueError("gold answers must be a non-empty list of strings")
+
+
+def exact_match(prediction: str, golds: Sequence[str]) -> float:
+    _require_golds(golds)
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(g) for g in golds))
+
+
+def _f1(prediction: str, gold: str) -> float:
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    same = sum((Counter(pred) & Counter(ref)).values())
+    if same == 0:  # as the official script: also 0 when both are empty
+        return 0.0
+    precision, recall = same / len(pred), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def f1_score(prediction: str, golds: Sequence[str]) -> float:
+    """Token-overlap F1 of the normalized answers, the best over the gold answers."""
+    _require_golds(golds)
+    return max(_f1(prediction, g) for g in golds)
+
+
+def contains_answer(text: str, golds: Sequence[str]) -> bool:
+    """Some gold answer occurs in `text` as whole words, after SQuAD normalization.
+
+    Whole words, so "art" is not found in "party"; golds that normalize to nothing never match.
+    """
+    padded = f" {normalize_answer(text)} "
+    return any(g and f" {g} " in padded for g in map(normalize_answer, golds))

@@ -244,5 +244,49 @@ _align_command(
 )
 
 
+@app.command("reader-data")
+@_friendly
+def reader_data(
+    squad: Annotated[
+        Path, typer.Option(help="SQuAD v1.1 JSON (.json or .json.gz), e.g. train-v1.1.json.gz.")
+    ],
+    tokenizer_path: Annotated[
+        Path, typer.Option("--tokenizer", help="tokenizer.json, or a folder holding one (a checkpoint).")
+    ],
+    out: Annotated[Path, typer.Option(help="JSONL file to write (rows for `rag train sft`).")],
+    sources: Annotated[int, typer.Option(min=1, help="Sources per prompt: the gold + distractors.")] = 3,
+    abstain: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of rows without the gold, answered by abstaining.")
+    ] = 0.1,
+    max_tokens: Annotated[
+        int, typer.Option(min=16, help="Prompt budget: the model's block size minus max new tokens.")
+    ] = 1024 - 96,
+    limit: Annotated[int | None, typer.Option(min=1, help="Use a seeded sample of N questions.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of distractors, positions, abstention, sample.")] = 0,
+) -> None:
+    """Reader SFT rows from SQuAD: numbered gold + distractor sources -> "answer [n]" or abstention."""
+    from rag.llm.tokenizer import Tokenizer
+    from rag.reader_data import write_reader_data
+
+    stats = write_reader_data(
+        squad,
+        Tokenizer.load(tokenizer_path),
+        out,
+        limit=limit,
+        progress=True,
+        sources=sources,
+        abstain=abstain,
+        max_tokens=max_tokens,
+        seed=seed,
+    ).to_dict()
+    skipped = ", ".join(f"{k} {v}" for k, v in stats["skipped"].items()) or "none"
+    console.print(
+        f"{out}: {stats['rows']:,} rows from {stats['questions']:,} questions "
+        f"({stats['answerable']:,} answerable, {stats['abstain']:,} abstain); skipped: {skipped}\n"
+        f"sources per row {stats['sources']}, gold position {stats['gold_positions']}, "
+        f"{stats['fewer_sources']:,} rows with fewer than {sources} sources (budget)"
+    )
+
+
 if __name__ == "__main__":  # torchrun --nproc_per_node=N -m rag.llm.cli lm ...
     app()

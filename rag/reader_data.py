@@ -1,0 +1,290 @@
+"""Reader training data from SQuAD v1.1: numbered sources + question -> "answer [n]" or abstention.
+
+Each question becomes one prompt built by `rag.prompt.build_prompt`, the very function that builds
+prompts at answer time, so the model is trained on exactly what it will be shown:
+
+- the gold paragraph plus distractors, other paragraphs of the same article first (hard negatives:
+  same topic and title, so the model must read rather than match the title), then random
+  paragraphs of other articles; the gold is put at a random position, so `[n]` must be read off
+  the prompt, not memorised;
+- the gold paragraph is never cut before its answer: where the budget would cut it, it moves in
+  front of the last (cut) distractor; if it does not fit alone, the question is skipped (and
+  counted);
+- a fraction of abstention rows: the gold paragraph is left out, and so is every paragraph that
+  contains a gold answer (a same-topic paragraph that happens to name the answer would make
+  "not in the documents" a wrong label); the target is `rag.prompt.ABSTAIN`.
+
+Rows are deterministic per (seed, question id): the same question gets the same prompt whatever
+`limit` or the order of the file, so training and evaluation data can be rebuilt exactly.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote
+
+from tqdm import tqdm
+
+from rag.eval import contains_answer
+from rag.llm.tokenizer import Tokenizer
+from rag.prompt import ABSTAIN, Prompt, Source, build_prompt
+
+DEFAULT_SOURCES = 3
+DEFAULT_ABSTAIN = 0.1
+DEFAULT_MAX_TOKENS = 1024 - 96  # the default model's context minus the reader's max_new_tokens
+OTHER_ARTICLE_TRIES = 50  # random draws per missing distractor before giving up on more
+
+
+@dataclass(frozen=True)
+class SquadQuestion:
+    id: str
+    question: str
+    answers: tuple[str, ...]  # distinct gold answers, the first is the training target
+    answer_end: int | None  # where the target answer ends in its paragraph; None: not found in it
+    article: int
+    paragraph: int
+
+
+@dataclass
+class Squad:
+    titles: list[str]  # per article, readable ("Super Bowl 50", not "Super_Bowl_50")
+    contexts: list[list[str]]  # article -> paragraphs
+    questions: list[SquadQuestion]
+
+
+def _answer_end(context: str, answer: dict) -> int | None:
+    """End offset of the answer; its own offset when it matches the text, else its first occurrence."""
+    text, start = answer["text"], answer.get("answer_start")
+    if isinstance(start, int) and context[start : start + len(text)] == text:
+        return start + len(text)
+    found = context.find(text)
+    return found + len(text) if found >= 0 else None
+
+
+def load_squad(path: str | Path) -> Squad:
+    """SQuAD v1.1 JSON (plain or .gz): data -> paragraphs -> context, qas -> id, question, answers."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SQuAD file not found: {path}")
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
+        raise ValueError(f"{path}: not a SQuAD JSON file ({e})") from e
+    squad = Squad([], [], [])
+    try:
+        for a, article in enumerate(raw["data"]):
+            squad.titles.append(" ".join(unquote(article.get("title") or "").replace("_", " ").split()))
+            squad.contexts.append([p["context"] for p in article["paragraphs"]])
+            for p, para in enumerate(article["paragraphs"]):
+                for qa in para["qas"]:
+                    texts = [x["text"].strip() for x in qa["answers"]]
+                    answers = tuple(dict.fromkeys(t for t in texts if t))
+                    first = next((x for x in qa["answers"] if x["text"].strip()), None)
+                    end = _answer_end(para["context"], first) if first else None
+                    squad.questions.append(SquadQuestion(str(qa["id"]), qa["question"], answers, end, a, p))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(
+            f"{path}: not SQuAD v1.1 (expected data -> paragraphs -> context, qas -> id, question, "
+            f"answers[text, answer_start]; bad or missing {e})"
+        ) from None
+    if not squad.questions:
+        raise ValueError(f"{path}: no questions")
+    return squad
+
+
+@dataclass
+class ReaderExample:
+    id: str
+    question: str
+    answers: tuple[str, ...]
+    prompt: Prompt
+    gold: int | None  # number of the gold source; None on abstention rows
+    target: str  # the SFT answer: "answer [gold]" or ABSTAIN
+
+    def to_row(self) -> dict:
+        """The SFT JSONL row (rag.llm.align reads prompt_ids + answer)."""
+        return {"prompt_ids": self.prompt.ids, "answer": self.target, "id": self.id, "gold": self.gold}
+
+
+@dataclass
+class BuildStats:
+    questions: int = 0  # questions considered (after limit)
+    rows: int = 0
+    abstain: int = 0  # rows whose target is ABSTAIN
+    fewer_sources: int = 0  # rows showing fewer sources than asked for (the budget)
+    skipped: Counter = field(default_factory=Counter)  # reason -> questions
+    gold_positions: Counter = field(default_factory=Counter)  # gold n -> rows
+    sources: Counter = field(default_factory=Counter)  # sources shown -> rows
+
+    def to_dict(self) -> dict:
+        return {
+            "questions": self.questions,
+            "rows": self.rows,
+            "answerable": self.rows - self.abstain,
+            "abstain": self.abstain,
+            "fewer_sources": self.fewer_sources,
+            "skipped": dict(sorted(self.skipped.items())),
+            "gold_positions": dict(sorted(self.gold_positions.items())),
+            "sources": dict(sorted(self.sources.items())),
+        }
+
+
+def select_questions(n: int, limit: int | None, seed: int) -> list[int]:
+    """Indices of the questions to use: all, or a seeded sample of `limit` in file order.
+
+    A prefix of one seeded permutation, so a larger limit keeps every question of a smaller one, and
+    a sample covers many articles (SQuAD's first article alone has hundreds of questions).
+    """
+    if limit is None or limit >= n:
+        return list(range(n))
+    order = list(range(n))
+    random.Random(f"{seed}:limit").shuffle(order)
+    return sorted(order[:limit])
+
+
+class ExampleBuilder:
+    """Turns SQuAD questions into reader examples; see the module docstring for the recipe."""
+
+    def __init__(
+        self,
+        squad: Squad,
+        tokenizer: Tokenizer,
+        *,
+        sources: int = DEFAULT_SOURCES,
+        abstain: float = DEFAULT_ABSTAIN,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        seed: int = 0,
+    ):
+        if sources < 1:
+            raise ValueError(f"sources must be >= 1, got {sources}")
+        if not 0.0 <= abstain <= 1.0:
+            raise ValueError(f"abstain must be in [0, 1], got {abstain}")
+        self.squad, self.tokenizer = squad, tokenizer
+        self.n_sources, self.abstain, self.max_tokens, self.seed = sources, abstain, max_tokens, seed
+        self.stats = BuildStats()
+
+    def prompt(self, question: str, picks: list[tuple[int, int]]) -> Prompt:
+        """The prompt over (article, paragraph) picks in order; doc_id/chunk_id say which they are."""
+        passages = []
+        for a, p in picks:
+            text = self.squad.contexts[a][p]
+            passages.append(Source(0, self.squad.titles[a], 1, 0, len(text), text, doc_id=a, chunk_id=p))
+        return build_prompt(self.tokenizer, question, passages, self.max_tokens)
+
+    def distractors(
+        self, q: SquadQuestion, count: int, rng: random.Random, without_answer: bool
+    ) -> list[tuple[int, int]]:
+        """(article, paragraph) pairs other than the gold: the same article first, then others."""
+
+        def usable(a: int, p: int) -> bool:
+            return not (without_answer and contains_answer(self.squad.contexts[a][p], q.answers))
+
+        same = [(q.article, p) for p in range(len(self.squad.contexts[q.article])) if p != q.paragraph]
+        rng.shuffle(same)
+        picks = [ap for ap in same if usable(*ap)][:count]
+        n_articles = len(self.squad.contexts)
+        for _ in range(OTHER_ARTICLE_TRIES * (count - len(picks))):
+            if len(picks) >= count or n_articles < 2:
+                break
+            a = rng.randrange(n_articles)
+            p = rng.randrange(len(self.squad.contexts[a]))
+            if a != q.article and (a, p) not in picks and usable(a, p):
+                picks.append((a, p))
+        return picks
+
+    def answerable(self, q: SquadQuestion, rng: random.Random) -> tuple[Prompt, int] | None:
+        """Gold + distractors, the gold at a random position among the sources the budget holds.
+
+        The budget's source count is measured with the gold first, so the gold is shown whole. Any
+        position is drawn first; if the gold would be cut there before its answer (the last source
+        may be cut), a position before the last is drawn: the sources in front of the cut are then
+        the same ones as with the gold first, so the gold is shown whole and the last distractor is
+        cut instead. Fewer distractors would bias the gold towards [1] under a tight budget.
+        """
+        others = self.distractors(q, self.n_sources - 1, rng, without_answer=False)
+        gold = (q.article, q.paragraph)
+        fit = len(self.prompt(q.question, [gold, *others]).sources)
+        order = others[: max(fit - 1, 0)]
+        for positions in (fit, fit - 1):  # any position, then any but the last
+            if positions < 1:
+                break
+            pos = rng.randrange(positions)
+            prompt = self.prompt(q.question, [*order[:pos], gold, *order[pos:]])
+            if pos < len(prompt.sources) and prompt.sources[pos].end >= q.answer_end:
+                return prompt, pos + 1
+        return None
+
+    def example(self, q: SquadQuestion) -> ReaderExample | str:
+        """The example for one question, or the reason it is skipped."""
+        if not q.answers:
+            return "no_answer"
+        if q.answer_end is None:
+            return "answer_not_in_context"
+        if not q.question.strip():
+            return "empty_question"
+        rng = random.Random(f"{self.seed}:{q.id}")
+        try:
+            if rng.random() < self.abstain:
+                picks = self.distractors(q, self.n_sources, rng, without_answer=True)
+                prompt = self.prompt(q.question, picks)
+                if not prompt.sources:
+                    return "no_source_without_answer"
+                return ReaderExample(q.id, q.question, q.answers, prompt, None, ABSTAIN)
+            found = self.answerable(q, rng)
+        except ValueError:  # build_prompt: not even the question fits the budget
+            return "question_does_not_fit"
+        if found is None:
+            return "gold_does_not_fit"
+        prompt, gold = found
+        return ReaderExample(q.id, q.question, q.answers, prompt, gold, f"{q.answers[0]} [{gold}]")
+
+    def __call__(self, limit: int | None = None, progress: bool = False) -> Iterator[ReaderExample]:
+        """Examples for the selected questions (see select_questions), counting into self.stats."""
+        chosen = select_questions(len(self.squad.questions), limit, self.seed)
+        for i in tqdm(chosen, desc="reader data", unit="q", disable=not progress, dynamic_ncols=True):
+            self.stats.questions += 1
+            ex = self.example(self.squad.questions[i])
+            if isinstance(ex, str):
+                self.stats.skipped[ex] += 1
+                continue
+            self.stats.rows += 1
+            if ex.gold is None:
+                self.stats.abstain += 1
+            else:
+                self.stats.gold_positions[ex.gold] += 1
+            self.stats.sources[len(ex.prompt.sources)] += 1
+            self.stats.fewer_sources += len(ex.prompt.sources) < self.n_sources
+            yield ex
+
+
+def write_reader_data(
+    squad_path: str | Path,
+    tokenizer: Tokenizer,
+    out: str | Path,
+    *,
+    limit: int | None = None,
+    progress: bool = False,
+    **builder_kw,
+) -> BuildStats:
+    """Build SFT rows from a SQuAD file into a JSONL file (written whole, then renamed into place)."""
+    builder = ExampleBuilder(load_squad(squad_path), tokenizer, **builder_kw)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for ex in builder(limit, progress):
+            f.write(json.dumps(ex.to_row(), ensure_ascii=False) + "\n")
+    if not builder.stats.rows:
+        tmp.unlink()
+        raise ValueError(f"no rows built from {squad_path}: skipped {dict(builder.stats.skipped)}")
+    os.replace(tmp, out)
+    return builder.stats
