@@ -12,7 +12,7 @@ avoid.
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -97,12 +97,16 @@ def _stripped(pieces: Generator[str, None, T]) -> Generator[str, None, T]:
         held += piece[len(body) :]
 
 
-def _drain(gen: Generator[str, None, Answer]) -> Answer:
+def drain(answer: Generator[str, None, Answer], on_piece: Callable[[str], object] | None = None) -> Answer:
+    """Run a `stream`/`ask_stream` generator to its end, passing each text piece to on_piece (e.g.
+    print it), and return its Answer: the one loop every front end needs."""
     while True:
         try:
-            next(gen)
+            piece = next(answer)
         except StopIteration as end:
             return end.value
+        if on_piece is not None:
+            on_piece(piece)
 
 
 def _ms(since: float) -> float:
@@ -203,7 +207,7 @@ class Reader:
 
     def answer(self, question: str, hits: Sequence[Hit], config: GenerationConfig | None = None) -> Answer:
         """The whole answer at once (same result as draining `stream`)."""
-        return _drain(self.stream(question, hits, config))
+        return drain(self.stream(question, hits, config))
 
 
 def ask_stream(
@@ -239,4 +243,4 @@ def ask(
     config: GenerationConfig | None = None,
 ) -> Answer:
     """Retrieval + reader in one call; timings include "retrieve_ms"."""
-    return _drain(ask_stream(question, retriever, reader, k=k, mode=mode, config=config))
+    return drain(ask_stream(question, retriever, reader, k=k, mode=mode, config=config))

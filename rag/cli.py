@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bench.cli import app as bench_app
+from rag.answer import DEFAULT_MAX_NEW_TOKENS, Answer, Reader, ask_stream, drain
 from rag.config import Settings, get_settings
 from rag.embed import get_embedder
 from rag.eval import pick_split, run_beir
@@ -187,6 +188,69 @@ def search_cmd(
         )
         console.print(" ".join(h.text.split())[:400], highlight=False, markup=False)
         console.print()
+
+
+def print_citations(answer: Answer) -> None:
+    """The citations under a streamed answer: where each [n] points and whether its source backs it."""
+    if answer.finish_reason == "no_sources":
+        console.print("[dim]No sources retrieved (is the index empty?); the model was not asked.[/]")
+        return
+    if answer.finish_reason == "length":
+        console.print("[yellow]The answer was cut at --max-new-tokens.[/]")
+    if not answer.citations:
+        console.print("[dim]No citations.[/]")
+        return
+    table = Table("n", "sentence", "document", "page", "span", "supported")
+    for c in answer.citations:
+        if c.source is None:
+            table.add_row(str(c.n), escape(c.sentence), "[red]no such source[/]", "", "", "[red]invalid[/]")
+            continue
+        s = c.source
+        table.add_row(
+            str(c.n),
+            escape(c.sentence),
+            escape(f"{s.title} ({Path(s.path).name})" if s.path else s.title),
+            str(s.page),
+            f"{s.start}-{s.end}",
+            "[green]yes[/]" if c.supported else "[yellow]no[/]",
+        )
+    console.print(table)
+
+
+@app.command("ask")
+@user_errors
+def ask_cmd(
+    question: Annotated[str, typer.Argument(help="The question to answer from the indexed documents.")],
+    k: Annotated[int, typer.Option("-k", "--k", "--top-k", min=1, help="Chunks to retrieve as sources.")] = 5,
+    mode: Annotated[str, typer.Option("--mode", help="hybrid (default), dense or bm25.")] = "hybrid",
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", min=1, help="Longest answer, in tokens.")
+    ] = DEFAULT_MAX_NEW_TOKENS,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Reader checkpoint folder (default: RAG_MODEL_DIR or ./models/reader)."),
+    ] = None,
+    index: IndexOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Answer QUESTION with our own LLM from the top-k retrieved chunks, with numbered citations."""
+    settings = settings_for(index)
+    # the model first: a missing one is the likeliest error and costs nothing to find
+    reader = Reader.load(model or settings.model_dir, settings.device, max_new_tokens=max_new_tokens)
+    with open_store(settings) as store:
+        retriever = Retriever(store, get_embedder(settings.embedding_model, settings.device))
+        answer_stream = ask_stream(question, retriever, reader, k=k, mode=mode)
+        answer = drain(answer_stream, None if as_json else lambda piece: typer.echo(piece, nl=False))
+    if as_json:
+        return emit_json(answer.to_dict())
+    typer.echo()
+    print_citations(answer)
+    t = answer.timings
+    console.print(
+        f"[dim]retrieve {t['retrieve_ms']:.0f} ms, generate {t['generate_ms']:.0f} ms, "
+        f"{t.get('new_tokens', 0):.0f} tokens[/]",
+        highlight=False,
+    )
 
 
 @app.command("docs")
