@@ -113,6 +113,13 @@ def _ms(since: float) -> float:
     return round((time.perf_counter() - since) * 1000, 3)
 
 
+def _check_vocab(model: GPT, tokenizer: Tokenizer) -> None:
+    if tokenizer.vocab_size > model.config.vocab_size:  # e.g. a tokenizer.json of another model
+        raise ValueError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
+        )
+
+
 class Reader:
     """Our trained decoder as a question answerer over sources."""
 
@@ -124,10 +131,7 @@ class Reader:
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         decoder: CompiledDecoder | None = None,
     ):
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(
-                f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}"
-            )
+        _check_vocab(model, tokenizer)
         self.model, self.tokenizer, self.decoder = model, tokenizer, decoder
         self.max_new_tokens = max_new_tokens
         self._check_room(max_new_tokens)
@@ -143,12 +147,10 @@ class Reader:
             )
         try:
             model, tokenizer = load_checkpoint(path, device)
+            _check_vocab(model, tokenizer)
         except Exception as e:  # corrupt json, torn safetensors (SafetensorError), wrong shapes, ...
             raise ReaderUnavailable(f"reader model at {path} cannot be loaded: {e}") from e
-        try:
-            return cls(model, tokenizer, **kw)
-        except ValueError as e:  # e.g. a tokenizer larger than the model's vocabulary
-            raise ReaderUnavailable(f"reader model at {path} cannot be used: {e}") from e
+        return cls(model, tokenizer, **kw)  # bad keywords (max_new_tokens) are the caller's ValueError
 
     @property
     def block_size(self) -> int:
@@ -169,7 +171,7 @@ class Reader:
         sources = [hit_to_source(h) for h in hits]
         return build_prompt(self.tokenizer, question, sources, self.block_size - max_new)
 
-    def config(self, config: GenerationConfig | None = None) -> GenerationConfig:
+    def _generation_config(self, config: GenerationConfig | None) -> GenerationConfig:
         """The given config, or the default: greedy, stop at EOS, the reader's max_new_tokens."""
         return config if config is not None else GenerationConfig(max_new_tokens=self.max_new_tokens)
 
@@ -182,7 +184,7 @@ class Reader:
         Bad input (empty question, max_new_tokens too large) raises here, at the call, before any
         piece: an HTTP stream can still answer 422 instead of failing halfway.
         """
-        config = self.config(config)
+        config = self._generation_config(config)
         question = question.strip()
         prompt = self.prompt(question, hits, config.max_new_tokens)
         return self._stream(question, prompt, config)
@@ -191,7 +193,8 @@ class Reader:
         self, question: str, prompt: Prompt, config: GenerationConfig
     ) -> Generator[str, None, Answer]:
         if not prompt.sources:  # nothing retrieved, or no room for any: nothing to answer from
-            return Answer(question, ABSTAIN, True, [], [], "no_sources", {"generate_ms": 0.0})
+            timings = {"generate_ms": 0.0, "prompt_tokens": 0, "new_tokens": 0}
+            return Answer(question, ABSTAIN, True, [], [], "no_sources", timings)
         start = time.perf_counter()
         result = yield from _stripped(stream(self.model, self.tokenizer, prompt.ids, config, self.decoder))
         text = result.text.strip()

@@ -101,7 +101,7 @@ def is_supported(sentence: str, source_text: str) -> bool:
     words = _words(sentence)
     if not words:
         return False
-    if " ".join(words) in " ".join(_words(source_text)):  # verbatim, up to case, spacing, punctuation
+    if f" {' '.join(words)} " in f" {' '.join(_words(source_text))} ":  # verbatim, whole words
         return True
     content = [w for w in words if w not in STOP_WORDS] or words
     vocab = set(_words(source_text))

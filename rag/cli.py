@@ -248,7 +248,7 @@ def ask_cmd(
     t = answer.timings
     console.print(
         f"[dim]retrieve {t['retrieve_ms']:.0f} ms, generate {t['generate_ms']:.0f} ms, "
-        f"{t.get('new_tokens', 0):.0f} tokens[/]",
+        f"{t['new_tokens']:.0f} tokens[/]",
         highlight=False,
     )
 

@@ -60,9 +60,9 @@ def build_index(root: Path) -> Settings:
     return settings
 
 
-def train_tokenizer(shared_data: Path) -> Tokenizer:
+def train_tokenizer(shared_data: Path, vocab_size: int = TINY["vocab_size"]) -> Tokenizer:
     text = (shared_data / "lm" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:200_000]
-    return Tokenizer.train([text], vocab_size=TINY["vocab_size"])
+    return Tokenizer.train([text], vocab_size=vocab_size)
 
 
 def expected_answers(retriever: Retriever) -> dict[str, str]:
@@ -198,6 +198,7 @@ def test_no_sources_abstains_without_calling_the_model(reader, retriever) -> Non
     assert calls == [] and pieces == []
     assert (answer.text, answer.abstained, answer.finish_reason) == (ABSTAIN, True, "no_sources")
     assert answer.citations == [] and answer.sources == [] and streamed == answer
+    assert answer.timings == {"generate_ms": 0.0, "prompt_tokens": 0, "new_tokens": 0}
     assert answer.to_dict()["answer"] == ABSTAIN
     assert (no_room.text, no_room.finish_reason, no_room.sources) == (ABSTAIN, "no_sources", [])
 
@@ -247,7 +248,7 @@ def test_stripped_stream_never_retracts() -> None:
     assert "".join(out) == "Paris  [1]" and all(out) and value == "done"
 
 
-def test_load_round_trip_and_clear_errors(reader, retriever, tmp_path) -> None:
+def test_load_round_trip_and_clear_errors(reader, retriever, shared_data, tmp_path) -> None:
     question = "What is the capital of France?"
     hits = retriever.search(question, K)
     save_checkpoint(tmp_path / "m", reader.model, reader.tokenizer)
@@ -269,5 +270,8 @@ def test_load_round_trip_and_clear_errors(reader, retriever, tmp_path) -> None:
     save_checkpoint(tmp_path / "m", reader.model, reader.tokenizer)
     (tmp_path / "m" / "tokenizer.json").unlink()
     with pytest.raises(ReaderUnavailable, match="tokenizer.json"):
+        Reader.load(tmp_path / "m")
+    save_checkpoint(tmp_path / "m", reader.model, train_tokenizer(shared_data, vocab_size=700))
+    with pytest.raises(ReaderUnavailable, match="tokenizer has 700 tokens but the model only 600"):
         Reader.load(tmp_path / "m")
     assert issubclass(ReaderUnavailable, ValueError)

@@ -122,6 +122,7 @@ def test_support_rule_edges() -> None:
     assert not is_supported("The Beatles", src)
     assert is_supported("in 1969", src) and not is_supported("in 1970", src)
     assert not is_supported("", src) and not is_supported("...", src)
+    assert not is_supported("Paris", "a comparison of cities")  # whole words, not inside others
     # half of the content words is enough; fewer is not
     assert is_supported("Woodstock rocks", src) and not is_supported("Woodstock rocked Paris", src)
 
