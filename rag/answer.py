@@ -193,6 +193,7 @@ class Reader:
         self, question: str, prompt: Prompt, config: GenerationConfig
     ) -> Generator[str, None, Answer]:
         if not prompt.sources:  # nothing retrieved, or no room for any: nothing to answer from
+            yield ABSTAIN  # streamed like any answer: the pieces are always the text
             timings = {"generate_ms": 0.0, "prompt_tokens": 0, "new_tokens": 0}
             return Answer(question, ABSTAIN, True, [], [], "no_sources", timings)
         start = time.perf_counter()

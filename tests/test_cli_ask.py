@@ -89,3 +89,24 @@ def test_errors_are_one_line(setup, tmp_path) -> None:
     assert result.exit_code == 1 and "unknown mode" in result.stderr
     result = rag_ask("   ", index, model)
     assert result.exit_code == 1 and "empty" in result.stderr
+
+
+def test_empty_index_abstains_without_the_model(setup, tmp_path) -> None:
+    _, model, _ = setup
+    (tmp_path / "empty").mkdir()
+    assert (
+        runner.invoke(app, ["ingest", str(tmp_path / "empty"), "--index", str(tmp_path / "i")]).exit_code == 0
+    )
+    result = rag_ask("What is the capital of France?", tmp_path / "i", model)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[:2] == [
+        ABSTAIN,
+        "No sources retrieved (is the index empty?); the model was not asked.",
+    ]
+    d = json.loads(rag_ask("What is the capital of France?", tmp_path / "i", model, "--json").stdout)
+    assert (d["answer"], d["abstained"], d["finish_reason"], d["sources"]) == (
+        ABSTAIN,
+        True,
+        "no_sources",
+        [],
+    )
