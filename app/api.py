@@ -3,24 +3,35 @@
 Run with `uvicorn app.api:app` (or `make run`). OpenAPI docs at /docs. Read endpoints are open;
 admin endpoints (ingest, delete) need the `X-API-Key` header to equal `RAG_API_KEY`, and are
 refused outright when no key is configured, so a fresh install never exposes writes by accident.
+
+`POST /v1/ask` answers with our own reader model, as JSON or as a server-sent event stream. The
+model is loaded on the first question and shared; it is not re-entrant, so one answer is generated
+at a time (a lock) and a streamed answer stops generating as soon as its client goes away.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import secrets
 import threading
+from collections.abc import AsyncIterator, Generator
 from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field, StringConstraints
+from starlette.background import BackgroundTask
 
+from rag.answer import Answer, Reader, ReaderUnavailable, ask, ask_stream
 from rag.config import Settings, get_settings
 from rag.embed import get_embedder
 from rag.ingest.job import ingest
+from rag.llm.generate import GenerationConfig
 from rag.retrieve import MODES, Retriever
 from rag.store import SQLITE_MAX_INT, IndexBusy, ModelMismatch, Store, StoreError
 from rag.types import Hit
@@ -28,6 +39,10 @@ from rag.types import Hit
 MAX_QUERY_CHARS = 2000
 MAX_PATHS = 100
 MAX_PATH_CHARS = 4096
+MAX_ASK_K = 20  # more sources than a 1k-token context can show only get cut from the prompt
+MAX_NEW_TOKENS = 512
+
+log = logging.getLogger("rag.api")
 
 
 class SearchRequest(BaseModel):
@@ -41,6 +56,20 @@ class SearchResponse(BaseModel):
     query: str
     mode: str
     results: list[Hit]  # the library dataclass: document, page and character span to cite
+
+
+class AskRequest(BaseModel):
+    question: Annotated[
+        str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_QUERY_CHARS)
+    ]
+    k: int = Field(5, ge=1, le=MAX_ASK_K, description="Passages retrieved and shown to the model.")
+    mode: Literal[MODES] = "hybrid"  # type: ignore[valid-type]
+    max_new_tokens: int = Field(96, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy (deterministic).")
+    stream: bool = Field(False, description="Answer as a text/event-stream of token events.")
+
+    def generation(self) -> GenerationConfig:
+        return GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature)
 
 
 class IngestRequest(BaseModel):
@@ -63,6 +92,11 @@ class Services:
         self._lock = threading.Lock()
         self._store: Store | None = None
         self._retriever: Retriever | None = None
+        self._reader_lock = threading.Lock()  # loading, apart from generating
+        self._reader: Reader | None = None
+        self.generating = threading.Lock()  # the model is not re-entrant: one answer at a time
+        self.answered = 0  # answers generated to the end
+        self.cancelled = 0  # streamed answers stopped early because their client went away
 
     def store(self) -> Store:
         with self._lock:
@@ -92,6 +126,26 @@ class Services:
 
     def writer(self) -> Store:
         return Store(self.settings.index_dir, embedding_model=None, readonly=False, create=False)
+
+    def reader(self) -> Reader:
+        """The reader model, loaded on first use. A missing model is not remembered: one trained
+        after the server started is picked up by the next question, without a restart."""
+        with self._reader_lock:
+            if self._reader is None:
+                try:
+                    self._reader = Reader.load(self.settings.model_dir, self.settings.device)
+                except ReaderUnavailable as exc:  # none there, or a corrupt or foreign checkpoint
+                    raise HTTPException(503, str(exc)) from None
+            return self._reader
+
+    def reader_status(self) -> dict:
+        return {
+            "model_dir": str(self.settings.model_dir),
+            "loaded": self._reader is not None,
+            "busy": self.generating.locked(),
+            "answered": self.answered,
+            "cancelled": self.cancelled,
+        }
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -123,7 +177,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @api.get("/health")
     def health() -> dict:
-        return {"status": "ok", "index": str(services.settings.index_dir)}
+        return {
+            "status": "ok",
+            "index": str(services.settings.index_dir),
+            "reader": services.reader_status(),
+        }
 
     @api.post("/v1/search", response_model=SearchResponse)
     def search(req: SearchRequest) -> SearchResponse:
@@ -131,6 +189,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(422, "query is blank")
         hits = services.retriever().search(req.query, k=req.k, mode=req.mode, mmr_lambda=req.mmr_lambda)
         return SearchResponse(query=req.query, mode=req.mode, results=hits)
+
+    @api.post("/v1/ask")
+    def answer(req: AskRequest):
+        """Retrieve `k` passages, answer from them with [n] citations (the shape of `rag ask --json`).
+
+        With `stream: true` the answer comes as server-sent events: `{"type": "token", "text"}` per
+        piece of text, then `{"type": "answer", ...}` (the JSON answer), then `[DONE]`; an error
+        after the stream started is a `{"type": "error", "detail"}` event.
+        """
+        reader = services.reader()  # 503 before any retrieval when nothing could answer
+        retriever = services.retriever()
+        question, opts = req.question, {"k": req.k, "mode": req.mode, "config": req.generation()}
+        try:  # bad input the model notices (max_new_tokens beyond its context) raises before generating
+            if req.stream:  # retrieves and builds the prompt now; generates when the client reads
+                pieces = ask_stream(question, retriever, reader, **opts)
+            else:
+                with services.generating:
+                    result = ask(question, retriever, reader, **opts)
+                    services.answered += 1
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        if not req.stream:
+            return result.to_dict()
+        return stream_answer(pieces, services)
 
     @api.get("/v1/documents")
     def documents() -> list[dict]:
@@ -155,6 +237,67 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"deleted": {"id": record.id, "path": record.path}}
 
     return api
+
+
+def sse(data: dict | str) -> str:
+    """One server-sent event; non-ASCII text stays as is (the stream is UTF-8)."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def stream_answer(pieces: Generator[str, None, Answer], services: Services) -> StreamingResponse:
+    """A streamed answer as server-sent events.
+
+    Generation runs in a worker thread that holds the generation lock and hands each piece to the
+    response through a queue. When the client goes away Starlette stops the response and runs its
+    background task, which sets `stop` (as does the event generator's `finally`, whichever comes
+    first); the worker checks it before every token, so an abandoned stream costs at most one more
+    decoding step, then closes the generator and releases the lock.
+    """
+    queue: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+    stop = threading.Event()
+
+    def work(loop: asyncio.AbstractEventLoop) -> None:
+        def put(kind: str, value: object) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+            except RuntimeError:  # the event loop is closed: the server is shutting down
+                stop.set()
+
+        with services.generating:
+            try:
+                while not stop.is_set():  # set already when the client left while this waited
+                    put("token", next(pieces))
+                services.cancelled += 1
+                log.info("answer stream stopped: the client disconnected")
+            except StopIteration as end:
+                services.answered += 1
+                put("answer", end.value.to_dict())
+            except Exception as exc:  # the stream already sent 200: say what failed, never hang
+                log.exception("answer stream failed")
+                put("error", f"{type(exc).__name__}: {exc}")
+            finally:
+                pieces.close()
+
+    async def events() -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        threading.Thread(target=work, args=(loop,), name="rag-answer", daemon=True).start()
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind != "token":
+                    break
+                yield sse({"type": "token", "text": value})
+            yield sse({"type": "answer", **value} if kind == "answer" else {"type": "error", "detail": value})
+            yield sse("[DONE]")
+        finally:
+            stop.set()
+
+    return StreamingResponse(
+        events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},  # no proxy buffering
+        background=BackgroundTask(stop.set),
+    )
 
 
 def allowed_path(raw: str, roots: list[Path]) -> Path:

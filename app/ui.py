@@ -1,18 +1,32 @@
 """Streamlit web app. It talks to the REST API only (RAG_API_URL), never to the index directly,
 so the browser sees exactly what developers calling the API see.
 
+Pages: Search (passages), Chat (answers from our reader model with numbered sources, streamed
+from `POST /v1/ask`), Admin (ingest, list, delete).
+
 Run with `streamlit run app/ui.py` (or `make run`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterable, Iterator
 
 import httpx
 import streamlit as st
 
 API_URL = os.environ.get("RAG_API_URL", "http://127.0.0.1:8000").rstrip("/")
 TIMEOUT = httpx.Timeout(30.0, read=600.0)  # ingesting a folder can take minutes
+MODES = ["hybrid", "dense", "bm25"]
+
+
+def error_message(resp: httpx.Response) -> str:
+    try:
+        detail = resp.json().get("detail", resp.text)
+    except ValueError:
+        detail = resp.text
+    return f"{resp.status_code}: {detail}"
 
 
 def call(method: str, path: str, **kwargs) -> dict | list | None:
@@ -23,13 +37,30 @@ def call(method: str, path: str, **kwargs) -> dict | list | None:
         st.error(f"Cannot reach the API at {API_URL}: {exc}")
         return None
     if resp.status_code >= 400:
-        try:
-            detail = resp.json().get("detail", resp.text)
-        except ValueError:
-            detail = resp.text
-        st.error(f"{resp.status_code}: {detail}")
+        st.error(error_message(resp))
         return None
     return resp.json()
+
+
+def show_passage(n: int, passage: dict, note: str) -> None:
+    """A numbered passage with what cites it: title, page, exact character span, then the text."""
+    title = passage["title"] or passage["path"]
+    st.markdown(f"**[{n}] {title}** · page {passage['page']} · chars {passage['start']}–{passage['end']}")
+    st.caption(f"{passage['path']} · {note}")
+    st.code(passage["text"], language=None, wrap_lines=True)  # verbatim: passages are not our markup
+
+
+def show_hits(hits: list[dict]) -> None:
+    if not hits:
+        st.info("No matching passages.")
+    for n, hit in enumerate(hits, start=1):
+        show_passage(n, hit, f"score {hit['score']:.4f}")
+        st.divider()
+
+
+def search(query: str, k: int, mode: str) -> list[dict] | None:
+    data = call("POST", "/v1/search", json={"query": query, "k": k, "mode": mode})
+    return None if data is None else data["results"]
 
 
 def search_page() -> None:
@@ -38,20 +69,114 @@ def search_page() -> None:
         query = st.text_input("Question or keywords", max_chars=2000)
         cols = st.columns(2)
         k = cols[0].slider("Results", 1, 20, 5)
-        mode = cols[1].selectbox("Mode", ["hybrid", "dense", "bm25"])
+        mode = cols[1].selectbox("Mode", MODES)
         submitted = st.form_submit_button("Search")
-    if submitted and query.strip():
-        data = call("POST", "/v1/search", json={"query": query, "k": k, "mode": mode})
-        if data is None:
+    if submitted and query.strip() and (hits := search(query, k, mode)) is not None:
+        show_hits(hits)
+
+
+def sse_events(lines: Iterable[str]) -> Iterator[dict]:
+    """The JSON events of a server-sent event stream, up to `data: [DONE]`."""
+    for line in lines:
+        if line.startswith("data: "):
+            data = line.removeprefix("data: ")
+            if data == "[DONE]":
+                return
+            yield json.loads(data)
+
+
+def stream_answer(question: str, k: int, mode: str) -> dict:
+    """Ask the API for a streamed answer and write it into the page as it comes.
+
+    Returns the chat turn to keep: {"answer": the final answer} or {"error": message}; when no
+    answer can be given (no model: 503) also {"hits": search results} to show instead.
+    """
+    body = {"question": question, "k": k, "mode": mode, "stream": True}
+    final: dict = {}
+
+    def pieces(lines: Iterator[str]) -> Iterator[str]:
+        for event in sse_events(lines):
+            if event["type"] == "token":
+                yield event["text"]
+            else:  # "answer" or "error"
+                final.update(event)
+
+    try:
+        with httpx.stream("POST", f"{API_URL}/v1/ask", json=body, timeout=TIMEOUT) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                turn = {"error": error_message(resp)}
+                st.error(turn["error"])
+                if resp.status_code == 503:
+                    st.caption("No answer possible: the passages that match your question are below.")
+                    turn["hits"] = search(question, k, mode) or []
+                    show_hits(turn["hits"])
+                return turn
+            st.write_stream(pieces(resp.iter_lines()))
+    except httpx.HTTPError as exc:
+        st.error(f"Cannot reach the API at {API_URL}: {exc}")
+        return {"error": f"Cannot reach the API at {API_URL}: {exc}"}
+    if final.get("type") != "answer":
+        turn = {"error": f"The answer stopped: {final.get('detail', 'the stream ended early')}"}
+        st.error(turn["error"])
+        return turn
+    show_sources(final)
+    return {"answer": final}
+
+
+def show_sources(answer: dict) -> None:
+    """The sources the model was shown, each with whether the answer cites it and whether the
+    cited text backs the cited sentence (rag.citations: a word-overlap check, not a proof)."""
+    if answer["finish_reason"] == "length":
+        st.caption("The answer was cut at the token limit.")
+    invalid = sorted({c["n"] for c in answer["citations"] if not c["valid"]})
+    if invalid:
+        cited = ", ".join(f"[{n}]" for n in invalid)
+        st.warning(f"The answer cites {cited}, but no source has that number.")
+    if not answer["sources"]:
+        st.info("No passage matched the question, so there was nothing to answer from.")
+        return
+    st.markdown("**Sources**")
+    for source in answer["sources"]:
+        marks = [c for c in answer["citations"] if c["valid"] and c["n"] == source["n"]]
+        if not marks:
+            note = "not cited"
+        elif all(c["supported"] for c in marks):
+            note = "cited · supported by this text"
+        else:
+            note = "cited · NOT supported by this text: check it"
+        show_passage(source["n"], source, note)
+
+
+def show_turn(turn: dict) -> None:
+    with st.chat_message("user"):
+        st.text(turn["question"])
+    with st.chat_message("assistant"):
+        if "answer" in turn:
+            st.markdown(turn["answer"]["answer"])
+            show_sources(turn["answer"])
             return
-        if not data["results"]:
-            st.info("No matching passages.")
-        for n, hit in enumerate(data["results"], start=1):
-            title = hit["title"] or hit["path"]
-            st.markdown(f"**[{n}] {title}** · page {hit['page']} · chars {hit['start']}–{hit['end']}")
-            st.caption(f"{hit['path']} · score {hit['score']:.4f}")
-            st.code(hit["text"], language=None, wrap_lines=True)  # verbatim: passages are not our markup
-            st.divider()
+        st.error(turn["error"])
+        if "hits" in turn:
+            show_hits(turn["hits"])
+
+
+def chat_page() -> None:
+    """Questions answered by our reader model over retrieved passages, streamed, with sources."""
+    st.title("Ask your documents")
+    with st.expander("Options"):
+        cols = st.columns(2)
+        k = cols[0].slider("Sources", 1, 20, 5, key="chat_k")
+        mode = cols[1].selectbox("Retrieval mode", MODES, key="chat_mode")
+    history: list[dict] = st.session_state.setdefault("chat", [])
+    for turn in history:
+        show_turn(turn)
+    question = st.chat_input("Ask a question about your documents", max_chars=2000)
+    if question and question.strip():
+        with st.chat_message("user"):
+            st.text(question)
+        with st.chat_message("assistant"):
+            history.append({"question": question, **stream_answer(question, k, mode)})
 
 
 def admin_page() -> None:
@@ -89,9 +214,10 @@ def admin_page() -> None:
 
 def main() -> None:
     st.set_page_config(page_title="rag", layout="wide")
-    page = st.sidebar.radio("Page", ["Search", "Admin"])
+    pages = {"Search": search_page, "Chat": chat_page, "Admin": admin_page}
+    page = st.sidebar.radio("Page", list(pages))
     st.sidebar.caption(f"API: {API_URL}")
-    (search_page if page == "Search" else admin_page)()
+    pages[page]()
 
 
 main()

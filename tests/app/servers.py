@@ -1,17 +1,26 @@
-"""Start the real API server in a subprocess for the app tests."""
+"""Start the real API server and web UI in subprocesses, and a headless Chromium, for the app tests."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
+
 KEY = "test-key-123"
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")  # Debian's package
 
 
 def free_port() -> int:
@@ -20,15 +29,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(root: Path, index: Path, api_key: str | None) -> tuple[subprocess.Popen, str]:
+def start_server(
+    root: Path, index: Path, api_key: str | None, model_dir: Path | None = None
+) -> tuple[subprocess.Popen, str]:
+    """The API on a free port; `model_dir` is the reader checkpoint (default: one that is not there)."""
     port = free_port()
     env = {**os.environ, "RAG_INDEX_DIR": str(index), "RAG_INGEST_ROOTS": f'["{root / "docs"}"]'}
+    env["RAG_MODEL_DIR"] = str(model_dir or root / "no-reader-model")
     env.pop("RAG_API_KEY", None)
     if api_key:
         env["RAG_API_KEY"] = api_key
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "app.api:app", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -52,3 +65,82 @@ def wait_healthy(proc: subprocess.Popen, health_url: str, timeout: float = 60.0)
             time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"server did not answer {health_url} within {timeout:.0f} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    proc.wait(10)
+
+
+@contextmanager
+def api_server(
+    root: Path, index: Path, api_key: str | None = None, model_dir: Path | None = None
+) -> Iterator[str]:
+    """A running API (see start_server); yields its URL, stops it after."""
+    proc, url = start_server(root, index, api_key, model_dir)
+    try:
+        yield url
+    finally:
+        stop(proc)
+
+
+@contextmanager
+def ui_server(
+    root: Path, index: Path, api_key: str | None = None, model_dir: Path | None = None
+) -> Iterator[str]:
+    """A running API and the web UI talking to it; yields the UI's URL, stops both after."""
+    with api_server(root, index, api_key, model_dir) as api_url:
+        proc, url = start_ui(api_url)
+        try:
+            yield url
+        finally:
+            stop(proc)
+
+
+def start_ui(api_url: str) -> tuple[subprocess.Popen, str]:
+    """The Streamlit app on a free port, talking to the API at `api_url`."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app/ui.py",
+            "--server.port",
+            str(port),
+            "--server.headless",
+            "true",
+            "--browser.gatherUsageStats",
+            "false",
+        ],  # fmt: skip
+        cwd=ROOT,
+        env={**os.environ, "RAG_API_URL": api_url},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(proc, f"{url}/_stcore/health")
+    return proc, url
+
+
+@contextmanager
+def chromium_page() -> Iterator[Page]:
+    """A page in a real headless Chromium (CHROMIUM must be set)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],  # fmt: skip
+        )
+        try:
+            yield browser.new_page(viewport={"width": 1200, "height": 900})
+        finally:
+            browser.close()

@@ -5,75 +5,25 @@ Chromium comes from Debian's package (`.ci/run` installs it); without it the tes
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.app.servers import KEY, free_port, start_server, wait_healthy
+from tests.app.servers import CHROMIUM, KEY, chromium_page, ui_server
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium)")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def ui(corpus):
-    api, api_url = start_server(corpus, corpus / "index", KEY)
-    port = free_port()
-    env = {**os.environ, "RAG_API_URL": api_url}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            "app/ui.py",
-            "--server.port",
-            str(port),
-            "--server.headless",
-            "true",
-            "--browser.gatherUsageStats",
-            "false",
-        ],  # fmt: skip
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(proc, f"{url}/_stcore/health")
-    except RuntimeError:
-        api.kill()
-        raise
-    yield url
-    for p in (proc, api):
-        p.terminate()
-        p.wait(10)
+    with ui_server(corpus, corpus / "index", KEY) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def page(ui):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-            ],  # fmt: skip
-        )
-        yield browser.new_page(viewport={"width": 1200, "height": 900})
-        browser.close()
+    with chromium_page() as page:
+        yield page
 
 
 def test_search_shows_cited_passages(ui, page, tmp_path):
