@@ -25,7 +25,7 @@ from bench.cli import app as bench_app
 from rag.answer import DEFAULT_MAX_NEW_TOKENS, Answer, Reader, ask_stream, drain
 from rag.config import Settings, get_settings
 from rag.embed import get_embedder
-from rag.eval import pick_split, run_beir
+from rag.eval import evaluate_reader, pick_split, run_beir
 from rag.ingest.job import IngestReport, ProgressEvent, ingest
 from rag.llm.cli import app as llm_app
 from rag.retrieve import Retriever
@@ -37,7 +37,7 @@ app = typer.Typer(
 app.add_typer(llm_app, name="train", help="Train the decoder LLM: tokenizer, pretraining, SFT, DPO.")
 app.add_typer(bench_app, name="bench", help="Benchmarks (speed and memory, printed as ratios).")
 eval_app = typer.Typer(no_args_is_help=True)
-app.add_typer(eval_app, name="eval", help="Evaluate retrieval quality on public benchmarks.")
+app.add_typer(eval_app, name="eval", help="Evaluate retrieval and reader quality on public benchmarks.")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -345,6 +345,72 @@ def eval_retrieval_cmd(
         table.add_row(mode, f"{m['ndcg@10']:.4f}", f"{m['recall@100']:.4f}", f"{m['mrr@10']:.4f}")
     console.print(table)
     console.print(f"split: {split}{picked}\nindex: {result['index']}", highlight=False)
+
+
+@eval_app.command("reader")
+@user_errors
+def eval_reader_cmd(
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Reader checkpoint (default: RAG_MODEL_DIR or models/reader)."),
+    ] = None,
+    squad: Annotated[
+        Path | None,
+        typer.Option(
+            "--squad", help="SQuAD v1.1 JSON (default: squad/dev-v1.1-part-a.json of the shared data)."
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="A seeded sample of N questions.")
+    ] = None,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the prompts (distractors, order, sample).")
+    ] = 0,
+    sources: Annotated[int, typer.Option("--sources", min=1, help="Sources per prompt, as in training.")] = 3,
+    abstain: Annotated[
+        float, typer.Option("--abstain", min=0.0, max=1.0, help="Share of questions asked without the gold.")
+    ] = 0.1,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", min=1, help="Answer room; the prompt budget is the rest.")
+    ] = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts decoded together.")] = 8,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    predictions: Annotated[
+        Path | None, typer.Option("--predictions", help="Write every example's outputs and scores (JSONL).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """EM, F1, citation precision and abstention of the reader on SQuAD, next to a word-overlap baseline."""
+    from rag.config import shared_data_dir
+
+    squad = squad or shared_data_dir() / "squad" / "dev-v1.1-part-a.json"
+    model = model or get_settings().model_dir
+    result = evaluate_reader(
+        model,
+        squad,
+        limit=limit,
+        seed=seed,
+        sources=sources,
+        abstain=abstain,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        device=device,
+        predictions=predictions,
+        show_progress=True,  # stderr: stdout stays one JSON value
+    )
+    if as_json:
+        return emit_json(result)
+    table = Table("metric", "model", "baseline", title=f"{squad.name}: {result['examples']} questions")
+    for metric, value in result["model"].items():
+        base = result["baseline"][metric]
+        table.add_row(metric, *("n/a" if v is None else f"{v:.4f}" for v in (value, base)))
+    console.print(table)
+    console.print(
+        f"{result['answerable']} answerable, {result['abstain']} abstention rows; prompts of at most "
+        f"{result['max_tokens']} tokens, seed {seed}; {result['cut_at_max_new_tokens']} answers cut at "
+        f"--max-new-tokens; baseline: the source sentence with the most question words, cited",
+        highlight=False,
+    )
 
 
 if __name__ == "__main__":
