@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 
 import httpx
@@ -19,6 +20,7 @@ import streamlit as st
 API_URL = os.environ.get("RAG_API_URL", "http://127.0.0.1:8000").rstrip("/")
 TIMEOUT = httpx.Timeout(30.0, read=600.0)  # ingesting a folder can take minutes
 MODES = ["hybrid", "dense", "bm25"]
+MARKDOWN_SPECIAL = re.compile(r"[\\`*_{}\[\]()#+\-.!|<>~$:]")  # ASCII punctuation markdown may read
 
 
 def error_message(resp: httpx.Response) -> str:
@@ -42,11 +44,17 @@ def call(method: str, path: str, **kwargs) -> dict | list | None:
     return resp.json()
 
 
+def plain(text: str) -> str:
+    """`text` escaped for st.markdown, so that it shows as written: generated answers and document
+    titles are not our markup (a document could otherwise make an answer show a link)."""
+    return MARKDOWN_SPECIAL.sub(r"\\\g<0>", text)
+
+
 def show_passage(n: int, passage: dict, note: str) -> None:
     """A numbered passage with what cites it: title, page, exact character span, then the text."""
-    title = passage["title"] or passage["path"]
+    title = plain(passage["title"] or passage["path"])
     st.markdown(f"**[{n}] {title}** · page {passage['page']} · chars {passage['start']}–{passage['end']}")
-    st.caption(f"{passage['path']} · {note}")
+    st.caption(f"{plain(passage['path'])} · {note}")
     st.code(passage["text"], language=None, wrap_lines=True)  # verbatim: passages are not our markup
 
 
@@ -107,12 +115,12 @@ def stream_answer(question: str, k: int, mode: str) -> dict:
                 resp.read()
                 turn = {"error": error_message(resp)}
                 st.error(turn["error"])
-                if resp.status_code == 503:
+                if resp.status_code == 503 and (hits := search(question, k, mode)) is not None:
                     st.caption("No answer possible: the passages that match your question are below.")
-                    turn["hits"] = search(question, k, mode) or []
-                    show_hits(turn["hits"])
+                    turn["hits"] = hits
+                    show_hits(hits)
                 return turn
-            st.write_stream(pieces(resp.iter_lines()))
+            st.write_stream(map(plain, pieces(resp.iter_lines())))
     except httpx.HTTPError as exc:
         st.error(f"Cannot reach the API at {API_URL}: {exc}")
         return {"error": f"Cannot reach the API at {API_URL}: {exc}"}
@@ -153,7 +161,7 @@ def show_turn(turn: dict) -> None:
         st.text(turn["question"])
     with st.chat_message("assistant"):
         if "answer" in turn:
-            st.markdown(turn["answer"]["answer"])
+            st.markdown(plain(turn["answer"]["answer"]))
             show_sources(turn["answer"])
             return
         st.error(turn["error"])
