@@ -400,15 +400,18 @@ def eval_reader_cmd(
     )
     if as_json:
         return emit_json(result)
-    table = Table("metric", "model", "baseline", title=f"{squad.name}: {result['examples']} questions")
+    build = result["build"]
+    title = f"{squad.name}: {result['examples']} examples from {build['questions']} questions"
+    table = Table("metric", "model", "baseline", title=title)
     for metric, value in result["model"].items():
         base = result["baseline"][metric]
         table.add_row(metric, *("n/a" if v is None else f"{v:.4f}" for v in (value, base)))
     console.print(table)
     console.print(
-        f"{result['answerable']} answerable, {result['abstain']} abstention rows; prompts of at most "
-        f"{result['max_tokens']} tokens, seed {seed}; {result['cut_at_max_new_tokens']} answers cut at "
-        f"--max-new-tokens; baseline: the source sentence with the most question words, cited",
+        f"{result['answerable']} answerable, {result['abstain']} abstention rows; skipped questions: "
+        f"{build['skipped'] or 'none'}; prompts of at most {result['max_tokens']} tokens, seed {seed}; "
+        f"{result['cut_at_max_new_tokens']} answers cut at --max-new-tokens; "
+        "baseline: the source sentence with the most question words, cited",
         highlight=False,
     )
 

@@ -208,7 +208,9 @@ class ExampleBuilder:
         position is drawn first; if the gold would be cut there before its answer (the last source
         may be cut), a position before the last is drawn: the sources in front of the cut are then
         the same ones as with the gold first, so the gold is shown whole and the last distractor is
-        cut instead. Fewer distractors would bias the gold towards [1] under a tight budget.
+        cut instead (showing fewer distractors would waste the room). Under a tight budget the gold
+        still lands in front more often: it can only be the cut last source where its answer lies
+        within the room left; BuildStats.gold_positions shows the spread.
         """
         others = self.distractors(q, self.n_sources - 1, rng, without_answer=False)
         gold = (q.article, q.paragraph)
