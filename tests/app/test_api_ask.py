@@ -131,12 +131,18 @@ def test_the_longest_question_is_answered(parrot):
 
 
 def test_no_model_is_503_with_how_to_get_one(corpus):
+    model_dir = corpus / "no-reader-model"  # where api_server points the server by default
     with api_server(corpus, corpus / "index") as url:
         for stream in (False, True):
             r = ask(url, question=QUESTION, stream=stream)
             assert r.status_code == 503, r.text
             detail = r.json()["detail"]
-            assert str(corpus / "no-reader-model") in detail and "make reader" in detail
+            assert str(model_dir) in detail and "make reader" in detail
+        # a broken checkpoint appears there: the failure was not cached, the new one is reported
+        model_dir.mkdir()
+        (model_dir / "config.json").write_text("{not json")
+        r = ask(url, question=QUESTION)
+        assert r.status_code == 503 and "cannot be loaded" in r.json()["detail"], r.text
         assert not reader_status(url)["loaded"]
 
 
