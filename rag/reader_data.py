@@ -86,6 +86,8 @@ def load_squad(path: str | Path) -> Squad:
             squad.contexts.append([p["context"] for p in article["paragraphs"]])
             for p, para in enumerate(article["paragraphs"]):
                 for qa in para["qas"]:
+                    if not isinstance(qa["question"], str) or not isinstance(para["context"], str):
+                        raise TypeError("question or context is not a string")
                     texts = [x["text"].strip() for x in qa["answers"]]
                     answers = tuple(dict.fromkeys(t for t in texts if t))
                     first = next((x for x in qa["answers"] if x["text"].strip()), None)

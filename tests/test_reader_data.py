@@ -108,6 +108,10 @@ def test_load_errors_are_clear(tmp_path: Path) -> None:
     write(tmp_path / "shape.json", {"data": [{"title": "x", "paragraphs": [{"qas": []}]}]})
     with pytest.raises(ValueError, match="not SQuAD v1.1.*'context'"):
         load_squad(tmp_path / "shape.json")
+    qa = {"id": 1, "question": None, "answers": []}
+    write(tmp_path / "types.json", {"data": [{"title": "x", "paragraphs": [{"context": "c", "qas": [qa]}]}]})
+    with pytest.raises(ValueError, match="not SQuAD v1.1.*not a string"):
+        load_squad(tmp_path / "types.json")
     write(tmp_path / "empty.json", {"data": []})
     with pytest.raises(ValueError, match="no questions"):
         load_squad(tmp_path / "empty.json")

@@ -264,7 +264,7 @@ def reader_data(
     limit: Annotated[int | None, typer.Option(min=1, help="Use a seeded sample of N questions.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of distractors, positions, abstention, sample.")] = 0,
 ) -> None:
-    """Reader SFT rows from SQuAD: numbered gold + distractor sources -> "answer [n]" or abstention."""
+    """Reader SFT rows from SQuAD: numbered sources (gold + distractors) -> cited answer or abstention."""
     from rag.llm.tokenizer import Tokenizer
     from rag.reader_data import write_reader_data
 
