@@ -427,6 +427,8 @@ def evaluate_reader(
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if predictions is not None:  # a bad path fails now, not after the whole run
+        Path(predictions).parent.mkdir(parents=True, exist_ok=True)
     reader = Reader.load(model_dir, device, max_new_tokens=max_new_tokens)
     max_tokens = reader.block_size - max_new_tokens
     builder = ExampleBuilder(

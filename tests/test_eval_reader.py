@@ -140,7 +140,7 @@ def reader_dir(shared_data: Path, tmp_path_factory) -> Path:
 
 def test_eval_reader_cli_end_to_end(reader_dir: Path, tmp_path: Path) -> None:
     squad = write(tmp_path / "dev.json", squad_json())
-    preds = tmp_path / "preds.jsonl"
+    preds = tmp_path / "out" / "preds.jsonl"  # its folder is made
     args = ["eval", "reader", "--model", reader_dir, "--squad", squad, "--limit", "12"]
     result = CliRunner().invoke(
         app,
