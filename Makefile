@@ -8,7 +8,7 @@ UI_PORT ?= 8501
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install run test bench lint ingest clean
+.PHONY: install run test bench lint ingest reader clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,26 @@ run: ingest
 	trap "kill $$api" EXIT INT TERM; \
 	RAG_API_URL=http://127.0.0.1:$(API_PORT) $(BIN)/streamlit run app/ui.py --server.port $(UI_PORT) \
 		--server.headless true --browser.gatherUsageStats false
+
+# The reader, our own LLM: pretrained on the Gutenberg corpus, then fine-tuned (SFT) to answer
+# SQuAD questions from numbered sources with [n] citations; copied to models/reader, where
+# `make run`, `rag ask` and POST /v1/ask find it. READER_PRESET=default wants a GPU (add
+# RAG_DEVICE=cuda); READER_PRESET=tiny is a quick CPU run of the recipe, not a useful reader.
+SHARED ?= $(or $(RAG_SHARED_DATA),../shared/data)
+READER_PRESET ?= default
+READER_LIMIT ?= 40000
+READER_RUN ?= runs/reader-$(READER_PRESET)
+MODEL_DIR ?= models/reader
+reader: install
+	$(BIN)/rag train lm --preset $(READER_PRESET) --out $(READER_RUN)/lm
+	$(BIN)/rag train reader-data --squad $(SHARED)/squad/train-v1.1.json.gz --model $(READER_RUN)/lm \
+		--limit $(READER_LIMIT) --out $(READER_RUN)/sft.jsonl
+	$(BIN)/rag train sft --preset $(READER_PRESET) --init $(READER_RUN)/lm --data $(READER_RUN)/sft.jsonl \
+		--out $(READER_RUN)/sft
+	rm -rf $(MODEL_DIR).new && mkdir -p $(MODEL_DIR).new
+	cp $(READER_RUN)/sft/model.safetensors $(READER_RUN)/sft/config.json $(READER_RUN)/sft/tokenizer.json $(MODEL_DIR).new/
+	rm -rf $(MODEL_DIR) && mv $(MODEL_DIR).new $(MODEL_DIR)
+	$(BIN)/rag eval reader --model $(MODEL_DIR) --limit 500
 
 test: install
 	$(BIN)/python -m pytest -q tests

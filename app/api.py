@@ -6,7 +6,9 @@ refused outright when no key is configured, so a fresh install never exposes wri
 
 `POST /v1/ask` answers with our own reader model, as JSON or as a server-sent event stream. The
 model is loaded on the first question and shared; it is not re-entrant, so one answer is generated
-at a time (a lock) and a streamed answer stops generating as soon as its client goes away.
+at a time (a lock), at most RAG_ANSWER_QUEUE answers wait or run (more get a 503 with Retry-After,
+so waiting requests never tie up the server's worker threads), and a streamed answer stops
+generating as soon as its client goes away.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import queue
 import secrets
 import threading
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Callable, Generator
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -64,12 +67,15 @@ class AskRequest(BaseModel):
     ]
     k: int = Field(5, ge=1, le=MAX_ASK_K, description="Passages retrieved and shown to the model.")
     mode: Literal[MODES] = "hybrid"  # type: ignore[valid-type]
-    max_new_tokens: int = Field(96, ge=1, le=MAX_NEW_TOKENS)
+    max_new_tokens: int | None = Field(
+        None, ge=1, le=MAX_NEW_TOKENS, description="Longest answer; default: the reader's (96 tokens)."
+    )
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy (deterministic).")
     stream: bool = Field(False, description="Answer as a text/event-stream of token events.")
 
-    def generation(self) -> GenerationConfig:
-        return GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature)
+    def generation(self, reader: Reader) -> GenerationConfig:
+        max_new = self.max_new_tokens if self.max_new_tokens is not None else reader.max_new_tokens
+        return GenerationConfig(max_new_tokens=max_new, temperature=self.temperature)
 
 
 class IngestRequest(BaseModel):
@@ -95,6 +101,8 @@ class Services:
         self._reader_lock = threading.Lock()  # loading, apart from generating
         self._reader: Reader | None = None
         self.generating = threading.Lock()  # the model is not re-entrant: one answer at a time
+        # Answers running or waiting for `generating`; each waiting one holds a thread.
+        self.answer_slots = threading.BoundedSemaphore(settings.answer_queue)
         self.answered = 0  # answers generated to the end
         self.cancelled = 0  # streamed answers stopped early because their client went away
 
@@ -200,19 +208,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """
         reader = services.reader()  # 503 before any retrieval when nothing could answer
         retriever = services.retriever()
-        question, opts = req.question, {"k": req.k, "mode": req.mode, "config": req.generation()}
+        question, opts = req.question, {"k": req.k, "mode": req.mode, "config": req.generation(reader)}
+        if not services.answer_slots.acquire(blocking=False):
+            raise HTTPException(
+                503, "the reader is busy with other answers; retry shortly", headers={"Retry-After": "2"}
+            )
+        release = services.answer_slots.release
         try:  # bad input the model notices (max_new_tokens beyond its context) raises before generating
-            if req.stream:  # retrieves and builds the prompt now; generates when the client reads
-                pieces = ask_stream(question, retriever, reader, **opts)
-            else:
-                with services.generating:
-                    result = ask(question, retriever, reader, **opts)
-                    services.answered += 1
+            if req.stream:  # retrieves and builds the prompt now, then generates in a worker thread
+                response = stream_answer(ask_stream(question, retriever, reader, **opts), services, release)
+                release = None  # the worker gives the slot back when it ends
+                return response
+            with services.generating:
+                result = ask(question, retriever, reader, **opts)
+                services.answered += 1
+            return result.to_dict()
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
-        if not req.stream:
-            return result.to_dict()
-        return stream_answer(pieces, services)
+        finally:
+            if release is not None:
+                release()
 
     @api.get("/v1/documents")
     def documents() -> list[dict]:
@@ -244,51 +259,59 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def stream_answer(pieces: Generator[str, None, Answer], services: Services) -> StreamingResponse:
+def stream_answer(
+    pieces: Generator[str, None, Answer], services: Services, release: Callable[[], None]
+) -> StreamingResponse:
     """A streamed answer as server-sent events.
 
-    Generation runs in a worker thread that holds the generation lock and hands each piece to the
-    response through a queue. When the client goes away Starlette stops the response and runs its
-    background task, which sets `stop` (as does the event generator's `finally`, whichever comes
-    first); the worker checks it before every token, so an abandoned stream costs at most one more
-    decoding step, then closes the generator and releases the lock.
+    Generation runs in a worker thread, started at once, that holds the generation lock and hands
+    each piece to the response through a queue; when it ends it calls `release` (the answer slot)
+    even if the response was never sent. When the client goes away, Starlette stops the response
+    and runs its background task, which sets `stop` (as does the event generator's `finally`,
+    whichever comes first); the worker checks it before every token, so an abandoned stream costs
+    at most one more decoding step, then closes the generator and releases the lock.
     """
-    queue: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+    events_queue: queue.Queue[tuple[str, object]] = queue.Queue()
     stop = threading.Event()
 
-    def work(loop: asyncio.AbstractEventLoop) -> None:
-        def put(kind: str, value: object) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
-            except RuntimeError:  # the event loop is closed: the server is shutting down
-                stop.set()
+    def work() -> None:
+        try:
+            with services.generating:
+                try:
+                    while not stop.is_set():  # set already if the client left while this waited
+                        events_queue.put(("token", next(pieces)))
+                    services.cancelled += 1
+                    log.info("answer stream stopped: the client disconnected")
+                except StopIteration as end:
+                    services.answered += 1
+                    events_queue.put(("answer", end.value.to_dict()))
+                except Exception as exc:  # the stream already sent 200: say what failed, never hang
+                    log.exception("answer stream failed")
+                    events_queue.put(("error", f"{type(exc).__name__}: {exc}"))
+                finally:
+                    pieces.close()
+        finally:
+            release()
+            events_queue.put(("end", None))  # wakes a reader of the queue whatever happened
 
-        with services.generating:
-            try:
-                while not stop.is_set():  # set already when the client left while this waited
-                    put("token", next(pieces))
-                services.cancelled += 1
-                log.info("answer stream stopped: the client disconnected")
-            except StopIteration as end:
-                services.answered += 1
-                put("answer", end.value.to_dict())
-            except Exception as exc:  # the stream already sent 200: say what failed, never hang
-                log.exception("answer stream failed")
-                put("error", f"{type(exc).__name__}: {exc}")
-            finally:
-                pieces.close()
+    threading.Thread(target=work, name="rag-answer", daemon=True).start()
 
     async def events() -> AsyncIterator[str]:
-        loop = asyncio.get_running_loop()
-        threading.Thread(target=work, args=(loop,), name="rag-answer", daemon=True).start()
         try:
             while True:
-                kind, value = await queue.get()
-                if kind != "token":
-                    break
-                yield sse({"type": "token", "text": value})
-            yield sse({"type": "answer", **value} if kind == "answer" else {"type": "error", "detail": value})
-            yield sse("[DONE]")
+                kind, value = await asyncio.to_thread(events_queue.get)
+                if kind == "token":
+                    yield sse({"type": "token", "text": value})
+                    continue
+                if kind != "end":
+                    final = (
+                        {"type": "answer", **value}
+                        if kind == "answer"
+                        else {"type": "error", "detail": value}
+                    )
+                    yield sse(final)
+                    yield sse("[DONE]")
+                break
         finally:
             stop.set()
 

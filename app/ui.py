@@ -20,7 +20,7 @@ import streamlit as st
 API_URL = os.environ.get("RAG_API_URL", "http://127.0.0.1:8000").rstrip("/")
 TIMEOUT = httpx.Timeout(30.0, read=600.0)  # ingesting a folder can take minutes
 MODES = ["hybrid", "dense", "bm25"]
-MARKDOWN_SPECIAL = re.compile(r"[\\`*_{}\[\]()#+\-.!|<>~$:]")  # ASCII punctuation markdown may read
+MARKDOWN_SPECIAL = re.compile(r"[\\`*_{}\[\]()#+\-.!|<>~$:&]")  # ASCII punctuation markdown may read
 
 
 def error_message(resp: httpx.Response) -> str:
@@ -142,7 +142,10 @@ def show_sources(answer: dict) -> None:
         cited = ", ".join(f"[{n}]" for n in invalid)
         st.warning(f"The answer cites {cited}, but no source has that number.")
     if not answer["sources"]:
-        st.info("No passage matched the question, so there was nothing to answer from.")
+        if answer["finish_reason"] == "no_room":
+            st.info("The answer's token limit left no room in the model's context for any passage.")
+        else:
+            st.info("No passage matched the question, so there was nothing to answer from.")
         return
     st.markdown("**Sources**")
     for source in answer["sources"]:

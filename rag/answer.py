@@ -41,7 +41,7 @@ class Answer:
     abstained: bool  # text is ABSTAIN, or there were no sources (then no model call)
     citations: list[Citation]
     sources: list[Source]  # all sources the model was shown, numbered 1..k
-    finish_reason: str  # "stop" | "length" | "no_sources"
+    finish_reason: str  # "stop" | "length" | "no_sources" | "no_room" (max_new_tokens left no room for any)
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -73,8 +73,9 @@ def hit_to_source(hit: Hit) -> Source:
 
 
 def is_abstention(text: str) -> bool:
-    """The text says ABSTAIN (ignoring case, spacing and any citation marker glued to it)."""
-    return " ".join(CITATION_RE.sub(" ", text).split()).casefold() == ABSTAIN.casefold()
+    """The text says ABSTAIN (ignoring case, spacing, the final stop and any citation marker)."""
+    said = " ".join(CITATION_RE.sub(" ", text).split()).casefold().rstrip(".!")
+    return said == ABSTAIN.casefold().rstrip(".")
 
 
 def _stripped(pieces: Generator[str, None, T]) -> Generator[str, None, T]:
@@ -128,11 +129,15 @@ class Reader:
         model: GPT,
         tokenizer: Tokenizer,
         *,
-        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        max_new_tokens: int | None = None,
         decoder: CompiledDecoder | None = None,
     ):
+        """max_new_tokens: the default answer room, DEFAULT_MAX_NEW_TOKENS, or half the context of
+        a model too small for that."""
         _check_vocab(model, tokenizer)
         self.model, self.tokenizer, self.decoder = model, tokenizer, decoder
+        if max_new_tokens is None:
+            max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, self.block_size // 2)
         self.max_new_tokens = max_new_tokens
         self._check_room(max_new_tokens)
 
@@ -195,7 +200,8 @@ class Reader:
         if not prompt.sources:  # nothing retrieved, or no room for any: nothing to answer from
             yield ABSTAIN  # streamed like any answer: the pieces are always the text
             timings = {"generate_ms": 0.0, "prompt_tokens": 0, "new_tokens": 0}
-            return Answer(question, ABSTAIN, True, [], [], "no_sources", timings)
+            reason = "no_room" if prompt.dropped else "no_sources"
+            return Answer(question, ABSTAIN, True, [], [], reason, timings)
         start = time.perf_counter()
         result = yield from _stripped(stream(self.model, self.tokenizer, prompt.ids, config, self.decoder))
         text = result.text.strip()

@@ -13,8 +13,9 @@ What counts as a marker (decided so that parsing never guesses and never crashes
 closes (Unicode `\\w+`, lowercased, stop-words left out) must mostly appear in the cited source
 (at least SUPPORT_SHARE of them), or the whole sentence must appear in it verbatim (ignoring case
 and spacing). A word is found when the source has a word starting with the same letters, ignoring
-up to two final letters of longer words, so inflection (Czech "Prahy"/"Praha", Ukrainian
-"столиці"/"столиця", English plurals) does not break the match. It works in any script.
+up to two final letters of words of six letters or more (matched by a word at most two letters
+longer than the word itself), so inflection (Czech "Pražském"/"Pražský", Ukrainian "столиці"/"столиця",
+English plurals) does not break the match, while "Paris" never matches "parish". Any script.
 
 What it cannot catch: negation or changed relations ("X did not win" vs "X won": same words),
 paraphrase with other words (a supported sentence may be flagged unsupported), and claims stitched
@@ -39,7 +40,7 @@ _SENTENCE_END_RE = re.compile(r"(?<=[.!?…])\s+")
 _WORD_RE = re.compile(r"\w+")
 
 SUPPORT_SHARE = 0.5  # share of the sentence's content words that the source must contain
-_STEM_MIN = 4  # words longer than this may differ in their last (up to) two letters
+_STEM_MIN = 6  # words this long may differ in their last (up to) two letters
 
 # Function words of the languages the corpus is likely to hold; they carry no claim.
 _STOP_WORDS_BY_LANGUAGE = {
@@ -87,13 +88,16 @@ def _words(text: str) -> list[str]:
 
 
 def _found(word: str, vocab: set[str]) -> bool:
-    """The word, or (for longer words) its stem without up to two final letters, is in vocab."""
+    """The word is in vocab, or shares its stem with a word there: for words of _STEM_MIN letters
+    or more, the word minus its last two letters, matched by a vocab word at most two letters
+    longer than the word (an inflection, not a longer word: "Broncos" never matches
+    "bronchitis"; shorter words must match exactly, so "Paris" never matches "parish")."""
     if word in vocab:
         return True
-    if len(word) <= _STEM_MIN:
+    if len(word) < _STEM_MIN:
         return False
-    stem = word[: max(_STEM_MIN, len(word) - 2)]
-    return any(w.startswith(stem) for w in vocab)
+    stem = word[:-2]
+    return any(w.startswith(stem) and len(w) <= len(word) + 2 for w in vocab)
 
 
 def is_supported(sentence: str, source_text: str) -> bool:

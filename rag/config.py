@@ -43,6 +43,9 @@ class Settings(BaseSettings):
         description="Folders the API may ingest from (paths outside them are refused).",
     )
     model_dir: Path = Field(Path("models/reader"), description="Checkpoint of our own decoder LLM.")
+    answer_queue: int = Field(
+        4, ge=1, description="API answers generating or waiting at once; more get 503 (retry later)."
+    )
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> Settings:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from rag.answer import (
+    DEFAULT_MAX_NEW_TOKENS,
     Answer,
     Reader,
     ReaderUnavailable,
@@ -181,6 +182,7 @@ def test_abstention(reader, retriever) -> None:
     assert answer.text == ABSTAIN and answer.abstained and answer.citations == []
     assert answer.finish_reason == "stop" and len(answer.sources) == K
     assert is_abstention(" the documents do NOT contain the answer. [1]")
+    assert is_abstention("The documents do not contain the answer")  # the final stop left out
     assert not is_abstention("The documents do not contain the answer, but Paris [1]")
 
 
@@ -203,7 +205,7 @@ def test_no_sources_abstains_without_calling_the_model(reader, retriever) -> Non
     assert answer.citations == [] and answer.sources == [] and streamed == answer
     assert answer.timings == {"generate_ms": 0.0, "prompt_tokens": 0, "new_tokens": 0}
     assert answer.to_dict()["answer"] == ABSTAIN
-    assert (no_room.text, no_room.finish_reason, no_room.sources) == (ABSTAIN, "no_sources", [])
+    assert (no_room.text, no_room.finish_reason, no_room.sources) == (ABSTAIN, "no_room", [])
 
 
 def test_length_limit_and_bad_input(reader, retriever) -> None:
@@ -278,3 +280,12 @@ def test_load_round_trip_and_clear_errors(reader, retriever, shared_data, tmp_pa
     with pytest.raises(ReaderUnavailable, match="tokenizer has 700 tokens but the model only 600"):
         Reader.load(tmp_path / "m")
     assert issubclass(ReaderUnavailable, ValueError)
+
+
+def test_default_answer_room_fits_a_small_model(tok: Tokenizer) -> None:
+    """96 new tokens cannot fit a 64-token context: the default becomes half of it, not an error."""
+    small = GPT(ModelConfig(**{**TINY, "block_size": 64}))
+    assert Reader(small, tok).max_new_tokens == 32
+    assert Reader(GPT(ModelConfig(**TINY)), tok).max_new_tokens == min(
+        DEFAULT_MAX_NEW_TOKENS, TINY["block_size"] // 2
+    )

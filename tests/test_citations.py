@@ -123,6 +123,10 @@ def test_support_rule_edges() -> None:
     assert is_supported("in 1969", src) and not is_supported("in 1970", src)
     assert not is_supported("", src) and not is_supported("...", src)
     assert not is_supported("Paris", "a comparison of cities")  # whole words, not inside others
+    # a stem matches inflections, not longer words that merely start the same
+    assert not is_supported("Paris", "The parish church stands in Lyon.")
+    assert not is_supported("Broncos", "He had bronchitis.")
+    assert is_supported("Broncos", "the Bronco won") and is_supported("Pražském hradu", "Pražský hrad")
     # half of the content words is enough; fewer is not
     assert is_supported("Woodstock rocks", src) and not is_supported("Woodstock rocked Paris", src)
 

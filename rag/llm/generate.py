@@ -27,11 +27,13 @@ from rag.llm.cache import KVCache
 from rag.llm.model import GPT
 from rag.llm.tokenizer import StreamDecoder, Tokenizer
 
+MIN_TEMPERATURE = 1e-5  # sampling this cold is argmax anyway; colder would divide by a float32 zero
+
 
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy (argmax); top_k / top_p then do nothing
+    temperature: float = 0.0  # 0 (or below MIN_TEMPERATURE) = greedy argmax; top_k / top_p then do nothing
     top_k: int | None = None  # sample among the k most likely tokens
     top_p: float | None = None  # nucleus: the smallest set of tokens with probability >= top_p
     stop_token_ids: Sequence[int] = ()  # EOS is added unless stop_at_eos=False
@@ -74,7 +76,7 @@ def sample(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Next token per row from logits (B, V): argmax at temperature 0, else top-k/top-p sampling."""
-    if temperature == 0.0:
+    if temperature < MIN_TEMPERATURE:  # (x - max) / t would underflow t to 0 in float32: 0/0
         return logits.argmax(dim=-1)
     # shifted so the best logit is 0: a tiny temperature then gives -inf for the rest, never inf - inf
     logits = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / temperature

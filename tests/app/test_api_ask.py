@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -187,4 +188,29 @@ def test_concurrent_streams_both_complete_undisturbed(babbler):
 def test_openapi_lists_ask(parrot):
     spec = httpx.get(f"{parrot}/openapi.json", timeout=30).json()
     schema = spec["components"]["schemas"]["AskRequest"]["properties"]
-    assert schema["k"]["maximum"] == 20 and schema["max_new_tokens"]["maximum"] == 512
+    max_new = next(a for a in schema["max_new_tokens"]["anyOf"] if a.get("type") == "integer")
+    assert schema["k"]["maximum"] == 20 and max_new["maximum"] == 512
+
+
+def test_a_full_answer_queue_is_503_and_the_server_stays_responsive(babbler):
+    """RAG_ANSWER_QUEUE (4) answers may run or wait; the next is refused at once with Retry-After
+    instead of blocking a server thread, and other endpoints keep answering."""
+    body = {"question": "What is FAISS?", "max_new_tokens": 512, "stream": True}
+    with contextlib.ExitStack() as streams:
+        opened = [
+            streams.enter_context(httpx.stream("POST", f"{babbler}/v1/ask", json=body, timeout=60))
+            for _ in range(4)
+        ]
+        assert all(r.status_code == 200 for r in opened)
+        t0 = time.monotonic()
+        busy = ask(babbler, question="What is FAISS?", max_new_tokens=4)
+        assert (
+            busy.status_code == 503 and busy.headers["retry-after"] == "2" and "busy" in busy.json()["detail"]
+        )
+        assert reader_status(babbler)["busy"] and time.monotonic() - t0 < 5
+        assert httpx.get(f"{babbler}/v1/stats", timeout=10).status_code == 200
+    deadline = time.monotonic() + 30  # closed streams give their slots back within a token or so
+    while (r := ask(babbler, question="What is FAISS?", max_new_tokens=4)).status_code == 503:
+        assert time.monotonic() < deadline, "answer slots were not given back"
+        time.sleep(0.2)
+    assert r.status_code == 200 and r.json()["timings"]["new_tokens"] == 4
