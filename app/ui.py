@@ -225,7 +225,7 @@ def admin_page() -> None:
 
 def main() -> None:
     st.set_page_config(page_title="rag", layout="wide")
-    pages = {"Search": search_page, "Chat": chat_page, "Admin": admin_page}
+    pages = {"Chat": chat_page, "Search": search_page, "Admin": admin_page}
     page = st.sidebar.radio("Page", list(pages))
     st.sidebar.caption(f"API: {API_URL}")
     pages[page]()

@@ -28,6 +28,7 @@ def page(ui):
 
 def test_search_shows_cited_passages(ui, page, tmp_path):
     page.goto(ui)
+    page.get_by_text("Search", exact=True).click()  # the chat page opens first
     page.get_by_label("Question or keywords").fill("striped African equines")
     page.get_by_role("button", name="Search").click()
     page.get_by_text("[1] Zebras").wait_for(timeout=60_000)
