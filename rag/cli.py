@@ -28,6 +28,7 @@ from rag.embed import get_embedder
 from rag.eval import evaluate_reader, pick_split, run_beir
 from rag.ingest.job import IngestReport, ProgressEvent, ingest
 from rag.llm.cli import app as llm_app
+from rag.reader_data import DEFAULT_ABSTAIN, DEFAULT_BATCH_SIZE, DEFAULT_SOURCES
 from rag.retrieve import Retriever
 from rag.store import Store, StoreError
 
@@ -366,15 +367,29 @@ def eval_reader_cmd(
     seed: Annotated[
         int, typer.Option("--seed", help="Seed of the prompts (distractors, order, sample).")
     ] = 0,
-    sources: Annotated[int, typer.Option("--sources", min=1, help="Sources per prompt, as in training.")] = 3,
+    sources: Annotated[
+        int,
+        typer.Option(
+            "--sources", min=1, help="Most sources per prompt (each draws 1 to this), as in training."
+        ),
+    ] = DEFAULT_SOURCES,
     abstain: Annotated[
         float, typer.Option("--abstain", min=0.0, max=1.0, help="Share of questions asked without the gold.")
-    ] = 0.1,
+    ] = DEFAULT_ABSTAIN,
     max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", min=1, help="Answer room; the prompt budget is the rest.")
-    ] = DEFAULT_MAX_NEW_TOKENS,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts decoded together.")] = 8,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+        int | None,
+        typer.Option(
+            "--max-new-tokens",
+            min=1,
+            help="Answer room (default: the reader's); the prompt budget is the rest.",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Prompts decoded together.")
+    ] = DEFAULT_BATCH_SIZE,
+    device: Annotated[
+        str | None, typer.Option("--device", help="cpu or cuda (default: RAG_DEVICE, else cpu).")
+    ] = None,
     predictions: Annotated[
         Path | None, typer.Option("--predictions", help="Write every example's outputs and scores (JSONL).")
     ] = None,
@@ -383,8 +398,9 @@ def eval_reader_cmd(
     """EM, F1, citation precision and abstention of the reader on SQuAD, next to a word-overlap baseline."""
     from rag.config import shared_data_dir
 
+    settings = get_settings()
     squad = squad or shared_data_dir() / "squad" / "dev-v1.1-part-a.json"
-    model = model or get_settings().model_dir
+    model = model or settings.model_dir
     result = evaluate_reader(
         model,
         squad,
@@ -394,7 +410,7 @@ def eval_reader_cmd(
         abstain=abstain,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
-        device=device,
+        device=device or settings.device,
         predictions=predictions,
         show_progress=True,  # stderr: stdout stays one JSON value
     )
@@ -411,7 +427,13 @@ def eval_reader_cmd(
         f"{result['answerable']} answerable, {result['abstain']} abstention rows; skipped questions: "
         f"{build['skipped'] or 'none'}; prompts of at most {result['max_tokens']} tokens, seed {seed}; "
         f"{result['cut_at_max_new_tokens']} answers cut at --max-new-tokens; "
-        "baseline: the source sentence with the most question words, cited",
+        "baseline: the source sentence with the most question words, cited\n"
+        f"sources per prompt {build['sources']}, gold source number {build['gold_positions']}; model by "
+        "gold source number: "
+        + "; ".join(
+            f"{n}: EM {at['em']:.4f}, gold cited {at['gold_citation_rate']:.4f} ({at['rows']} rows)"
+            for n, at in result["model_by_gold_position"].items()
+        ),
         highlight=False,
     )
 

@@ -12,26 +12,33 @@ import json
 import math
 import os
 import re
-import string
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
-from rag.citations import CITATION_RE, STOP_WORDS, parse_citations
+from rag.answer import Reader, is_abstention
+from rag.citations import STOP_WORDS, parse_citations
 from rag.config import Settings
 from rag.embed import get_embedder
 from rag.ingest.job import ProgressEvent, ingest
+from rag.llm.generate import GenerationConfig, generate
 from rag.prompt import ABSTAIN, Source
+from rag.reader_data import (
+    DEFAULT_ABSTAIN,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_SOURCES,
+    ExampleBuilder,
+    ReaderExample,
+    load_reader,
+    load_squad,
+)
 from rag.retrieve import Retriever
+from rag.squad import answer_text, contains_answer, exact_match, f1_score, normalize_answer
 from rag.store import Store
-
-if TYPE_CHECKING:
-    from rag.reader_data import ReaderExample
 
 Qrels = dict[str, dict[str, int]]  # query id -> doc id -> graded relevance
 Run = dict[str, dict[str, float]]  # query id -> doc id -> score (higher is better)
@@ -264,68 +271,10 @@ def run_beir(
     return result
 
 
-# ------------------------------------------------------------------------------ SQuAD answer metrics
-# The official SQuAD v1.1 evaluation (evaluate-v1.1.py): answers are compared after lowercasing and
-# removing punctuation, the articles a/an/the and extra whitespace; a prediction scores the best of
-# its EM / token F1 against each gold answer.
-
-_ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = frozenset(string.punctuation)
-
-
-def normalize_answer(text: str) -> str:
-    """Lowercase, drop punctuation, drop articles, collapse whitespace (in the official order)."""
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
-    return " ".join(_ARTICLES_RE.sub(" ", text).split())
-
-
-def _require_golds(golds: Sequence[str]) -> None:
-    if isinstance(golds, str) or not golds:
-        raise ValueError("gold answers must be a non-empty list of strings")
-
-
-def exact_match(prediction: str, golds: Sequence[str]) -> float:
-    _require_golds(golds)
-    pred = normalize_answer(prediction)
-    return float(any(pred == normalize_answer(g) for g in golds))
-
-
-def _f1(prediction: str, gold: str) -> float:
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
-    same = sum((Counter(pred) & Counter(ref)).values())
-    if same == 0:  # as the official script: also 0 when both are empty
-        return 0.0
-    precision, recall = same / len(pred), same / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
-def f1_score(prediction: str, golds: Sequence[str]) -> float:
-    """Token-overlap F1 of the normalized answers, the best over the gold answers."""
-    _require_golds(golds)
-    return max(_f1(prediction, g) for g in golds)
-
-
-def contains_answer(text: str, golds: Sequence[str]) -> bool:
-    """Some gold answer occurs in `text` as whole words, after SQuAD normalization.
-
-    Whole words, so "art" is not found in "party"; golds that normalize to nothing never match.
-    """
-    padded = f" {normalize_answer(text)} "
-    return any(g and f" {g} " in padded for g in map(normalize_answer, golds))
-
-
 # ------------------------------------------------------------------------------------ reader evaluation
 # The reader alone, on SQuAD questions with the gold paragraph among distractors, prompts built by
 # the training-data builder (rag.reader_data) with a fixed seed: the model sees exactly the kind of
 # prompt it was trained on, and retrieval errors do not blur the reader's own numbers.
-
-
-_SPACE_BEFORE_PUNCT_RE = re.compile(r" (?=[.,;:!?])")
-
-
-def answer_text(text: str) -> str:
-    """The answer without its citation markers (and the space before them): what EM/F1 compare."""
-    return _SPACE_BEFORE_PUNCT_RE.sub("", " ".join(CITATION_RE.sub(" ", text).split()))
 
 
 def score_reader_output(text: str, example: ReaderExample) -> dict:
@@ -334,8 +283,6 @@ def score_reader_output(text: str, example: ReaderExample) -> dict:
     A valid citation is precise when its source contains a gold answer; on abstention rows no source
     does, so any citation there is imprecise.
     """
-    from rag.answer import is_abstention  # imports torch: only when evaluating a reader
-
     citations = parse_citations(text, example.prompt.sources)
     valid = [c for c in citations if c.source is not None]
     row = {
@@ -401,70 +348,98 @@ def overlap_baseline(question: str, sources: Sequence[Source]) -> str:
     return f"{best} [{best_n}]" if best else ABSTAIN
 
 
+def decode_and_score(
+    reader: Reader,
+    examples: Sequence[ReaderExample],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    show_progress: bool = False,
+) -> Iterator[tuple[ReaderExample, dict, dict]]:
+    """(example, model row, baseline row) per example: greedy batches (rows stop independently at
+    EOS, at most the reader's max_new_tokens), each output scored with score_reader_output."""
+    config = GenerationConfig(max_new_tokens=reader.max_new_tokens)  # greedy, stops at EOS
+    with tqdm(total=len(examples), desc="reader eval", unit="q", disable=not show_progress) as bar:
+        for i in range(0, len(examples), batch_size):
+            batch = examples[i : i + batch_size]
+            outputs = generate(reader.model, reader.tokenizer, [ex.prompt.ids for ex in batch], config)
+            for ex, out in zip(batch, outputs, strict=True):
+                model = score_reader_output(out.text.strip(), ex) | {"finish": out.finish_reason}
+                baseline = score_reader_output(overlap_baseline(ex.prompt.question, ex.prompt.sources), ex)
+                yield ex, model, baseline
+            bar.update(len(batch))
+
+
+def by_gold_position(rows: Sequence[dict]) -> dict[int, dict]:
+    """Per gold source number: rows, EM and gold-citation rate (does the reader handle [4], [5]?)."""
+    positions = sorted({r["gold"] for r in rows if r["gold"] is not None})
+    result = {}
+    for n in positions:
+        at = [r for r in rows if r["gold"] == n]
+        summary = summarize_reader(at)
+        result[n] = {
+            "rows": len(at),
+            "em": summary["em"],
+            "gold_citation_rate": summary["gold_citation_rate"],
+        }
+    return result
+
+
 def evaluate_reader(
     model_dir: str | Path,
     squad_path: str | Path,
     *,
     limit: int | None = None,
     seed: int = 0,
-    sources: int = 3,
-    abstain: float = 0.1,
-    max_new_tokens: int = 96,
-    batch_size: int = 8,
+    sources: int = DEFAULT_SOURCES,
+    abstain: float = DEFAULT_ABSTAIN,
+    max_new_tokens: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     device: str = "cpu",
     predictions: str | Path | None = None,
     show_progress: bool = False,
 ) -> dict:
     """EM, F1, citation and abstention metrics of a reader checkpoint and of overlap_baseline.
 
-    Prompts: rag.reader_data's builder with the model's budget (block_size - max_new_tokens, as for
-    training data) and `seed`; greedy decoding in batches (rows stop independently at EOS).
-    `predictions`: a JSONL file to write every example's outputs and scores to.
+    Prompts: rag.reader_data's builder with the model's budget (load_reader: block_size -
+    max_new_tokens, None = the reader's default, as for training data) and `seed`.
+    `predictions`: a JSONL file to write every example's outputs and scores to (opened first, so a
+    bad path fails before anything is loaded).
     """
-    from rag.answer import Reader
-    from rag.llm.generate import GenerationConfig, generate
-    from rag.reader_data import ExampleBuilder, load_squad
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if predictions is not None:  # a bad path fails now, not after the whole run
-        Path(predictions).parent.mkdir(parents=True, exist_ok=True)
-    reader = Reader.load(model_dir, device, max_new_tokens=max_new_tokens)
-    max_tokens = reader.block_size - max_new_tokens
-    builder = ExampleBuilder(
-        load_squad(squad_path),
-        reader.tokenizer,
-        sources=sources,
-        abstain=abstain,
-        max_tokens=max_tokens,
-        seed=seed,
-    )
-    examples = list(builder(limit))
-    if not examples:
-        raise ValueError(
-            f"no example could be built from {squad_path}: skipped {dict(builder.stats.skipped)}"
+    with ExitStack() as stack:
+        out = None
+        if predictions is not None:
+            Path(predictions).parent.mkdir(parents=True, exist_ok=True)
+            out = stack.enter_context(Path(predictions).open("w", encoding="utf-8"))
+        reader, max_tokens = load_reader(model_dir, device, max_new_tokens)
+        builder = ExampleBuilder(
+            load_squad(squad_path),
+            reader.tokenizer,
+            sources=sources,
+            abstain=abstain,
+            max_tokens=max_tokens,
+            seed=seed,
         )
-    config = GenerationConfig(max_new_tokens=max_new_tokens)  # greedy, stops at EOS
-    model_rows, baseline_rows = [], []
-    with tqdm(total=len(examples), desc="reader eval", unit="q", disable=not show_progress) as bar:
-        for i in range(0, len(examples), batch_size):
-            batch = examples[i : i + batch_size]
-            outputs = generate(reader.model, reader.tokenizer, [ex.prompt.ids for ex in batch], config)
-            for ex, out in zip(batch, outputs, strict=True):
-                model_rows.append(score_reader_output(out.text.strip(), ex) | {"finish": out.finish_reason})
-                baseline_rows.append(
-                    score_reader_output(overlap_baseline(ex.prompt.question, ex.prompt.sources), ex)
-                )
-            bar.update(len(batch))
-    if predictions is not None:
-        with Path(predictions).open("w", encoding="utf-8") as f:
-            for ex, m, b in zip(examples, model_rows, baseline_rows, strict=True):
+        examples = list(builder(limit))
+        if not examples:
+            raise ValueError(
+                f"no example could be built from {squad_path}: skipped {dict(builder.stats.skipped)}"
+            )
+        model_rows, baseline_rows = [], []
+        for ex, m, b in decode_and_score(
+            reader, examples, batch_size=batch_size, show_progress=show_progress
+        ):
+            model_rows.append(m)
+            baseline_rows.append(b)
+            if out is not None:
                 row = {"id": ex.id, "question": ex.question, "answers": ex.answers, "model": m, "baseline": b}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
     stats = builder.stats.to_dict()
     return {
         "model": summarize_reader(model_rows),
         "baseline": summarize_reader(baseline_rows),
+        "model_by_gold_position": by_gold_position(model_rows),
         "examples": len(examples),
         "answerable": stats["answerable"],
         "abstain": stats["abstain"],
@@ -473,6 +448,8 @@ def evaluate_reader(
         "squad": str(squad_path),
         "model_dir": str(model_dir),
         "seed": seed,
+        "device": device,
+        "sources": sources,
         "max_tokens": max_tokens,
-        "max_new_tokens": max_new_tokens,
+        "max_new_tokens": reader.max_new_tokens,
     }

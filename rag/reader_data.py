@@ -3,16 +3,20 @@
 Each question becomes one prompt built by `rag.prompt.build_prompt`, the very function that builds
 prompts at answer time, so the model is trained on exactly what it will be shown:
 
+- a number of sources drawn per row, uniformly from 1..sources (default DEFAULT_SOURCES, the
+  serving default k): answers are served over however many passages were retrieved and fit, so
+  every citation number up to k must be seen in training, and short prompts too;
 - the gold paragraph plus distractors, other paragraphs of the same article first (hard negatives:
   same topic and title, so the model must read rather than match the title), then random
-  paragraphs of other articles; the gold is put at a random position, so `[n]` must be read off
-  the prompt, not memorised;
+  paragraphs of other articles; the gold is put at a random position among the row's sources, so
+  `[n]` must be read off the prompt, not memorised (over rows of 1..k sources, position j holds
+  the gold in a share (H_k - H_{j-1}) / k of rows: 46% [1] ... 4% [5] for k = 5, BuildStats shows it);
 - the gold paragraph is never cut before its answer: where the budget would cut it, it moves in
   front of the last (cut) distractor; if it does not fit alone, the question is skipped (and
   counted);
 - a fraction of abstention rows: the gold paragraph is left out, and so is every paragraph that
-  contains a gold answer (a same-topic paragraph that happens to name the answer would make
-  "not in the documents" a wrong label); the target is `rag.prompt.ABSTAIN`.
+  names a gold answer, inflected too (rag.squad.mentions_answer: a same-topic paragraph that says
+  "Warsaw's" would make "not in the documents" a wrong label); the target is `rag.prompt.ABSTAIN`.
 
 Rows are deterministic per (seed, question id): the same question gets the same prompt whatever
 `limit` or the order of the file, so training and evaluation data can be rebuilt exactly.
@@ -28,17 +32,23 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from tqdm import tqdm
 
-from rag.eval import contains_answer
 from rag.llm.tokenizer import Tokenizer
 from rag.prompt import ABSTAIN, Prompt, Source, build_prompt
+from rag.squad import mentions_answer
 
-DEFAULT_SOURCES = 3
-DEFAULT_ABSTAIN = 0.1
-DEFAULT_MAX_TOKENS = 1024 - 96  # the default model's context minus the reader's max_new_tokens
+if TYPE_CHECKING:
+    from rag.answer import Reader
+
+# The defaults of `rag train reader-data`, `rag eval reader` and evaluate_reader, defined here only.
+DEFAULT_SOURCES = 5  # most sources per row: the serving default k (rag ask --k, POST /v1/ask "k")
+DEFAULT_ABSTAIN = 0.1  # share of abstention rows
+DEFAULT_MAX_TOKENS = 1024 - 96  # without a model: the default context minus rag.answer's answer room
+DEFAULT_BATCH_SIZE = 8  # evaluation prompts decoded together
 OTHER_ARTICLE_TRIES = 50  # random draws per missing distractor before giving up on more
 
 
@@ -111,6 +121,7 @@ class ReaderExample:
     prompt: Prompt
     gold: int | None  # number of the gold source; None on abstention rows
     target: str  # the SFT answer: "answer [gold]" or ABSTAIN
+    drawn: int  # sources drawn for the row; the prompt shows fewer when the budget or paragraphs run out
 
     def to_row(self) -> dict:
         """The SFT JSONL row (rag.llm.align reads prompt_ids + answer)."""
@@ -122,7 +133,7 @@ class BuildStats:
     questions: int = 0  # questions considered (after limit)
     rows: int = 0
     abstain: int = 0  # rows whose target is ABSTAIN
-    fewer_sources: int = 0  # rows showing fewer sources than asked for (the budget)
+    fewer_sources: int = 0  # rows showing fewer sources than drawn (the budget, or too few paragraphs)
     skipped: Counter = field(default_factory=Counter)  # reason -> questions
     gold_positions: Counter = field(default_factory=Counter)  # gold n -> rows
     sources: Counter = field(default_factory=Counter)  # sources shown -> rows
@@ -154,7 +165,11 @@ def select_questions(n: int, limit: int | None, seed: int) -> list[int]:
 
 
 class ExampleBuilder:
-    """Turns SQuAD questions into reader examples; see the module docstring for the recipe."""
+    """Turns SQuAD questions into reader examples; see the module docstring for the recipe.
+
+    sources: the most sources a row shows (each row draws 1..sources); abstain: the share of
+    abstention rows; max_tokens: the prompt budget (see load_reader for a model's).
+    """
 
     def __init__(
         self,
@@ -188,7 +203,7 @@ class ExampleBuilder:
         """(article, paragraph) pairs other than the gold: the same article first, then others."""
 
         def usable(a: int, p: int) -> bool:
-            return not (without_answer and contains_answer(self.squad.contexts[a][p], q.answers))
+            return not (without_answer and mentions_answer(self.squad.contexts[a][p], q.answers))
 
         same = [(q.article, p) for p in range(len(self.squad.contexts[q.article])) if p != q.paragraph]
         rng.shuffle(same)
@@ -203,8 +218,8 @@ class ExampleBuilder:
                 picks.append((a, p))
         return picks
 
-    def answerable(self, q: SquadQuestion, rng: random.Random) -> tuple[Prompt, int] | None:
-        """Gold + distractors, the gold at a random position among the sources the budget holds.
+    def answerable(self, q: SquadQuestion, k: int, rng: random.Random) -> tuple[Prompt, int] | None:
+        """Gold + k - 1 distractors, the gold at a random position among the sources the budget holds.
 
         The budget's source count is measured with the gold first, so the gold is shown whole. Any
         position is drawn first; if the gold would be cut there before its answer (the last source
@@ -214,7 +229,7 @@ class ExampleBuilder:
         still lands in front more often: it can only be the cut last source where its answer lies
         within the room left; BuildStats.gold_positions shows the spread.
         """
-        others = self.distractors(q, self.n_sources - 1, rng, without_answer=False)
+        others = self.distractors(q, k - 1, rng, without_answer=False)
         gold = (q.article, q.paragraph)
         fit = len(self.prompt(q.question, [gold, *others]).sources)
         order = others[: max(fit - 1, 0)]
@@ -236,20 +251,21 @@ class ExampleBuilder:
         if not q.question.strip():
             return "empty_question"
         rng = random.Random(f"{self.seed}:{q.id}")
+        k = rng.randint(1, self.n_sources)
         try:
             if rng.random() < self.abstain:
-                picks = self.distractors(q, self.n_sources, rng, without_answer=True)
+                picks = self.distractors(q, k, rng, without_answer=True)
                 prompt = self.prompt(q.question, picks)
                 if not prompt.sources:
                     return "no_source_without_answer"
-                return ReaderExample(q.id, q.question, q.answers, prompt, None, ABSTAIN)
-            found = self.answerable(q, rng)
+                return ReaderExample(q.id, q.question, q.answers, prompt, None, ABSTAIN, k)
+            found = self.answerable(q, k, rng)
         except ValueError:  # build_prompt: not even the question fits the budget
             return "question_does_not_fit"
         if found is None:
             return "gold_does_not_fit"
         prompt, gold = found
-        return ReaderExample(q.id, q.question, q.answers, prompt, gold, f"{q.answers[0]} [{gold}]")
+        return ReaderExample(q.id, q.question, q.answers, prompt, gold, f"{q.answers[0]} [{gold}]", k)
 
     def __call__(self, limit: int | None = None, progress: bool = False) -> Iterator[ReaderExample]:
         """Examples for the selected questions (see select_questions), counting into self.stats."""
@@ -266,8 +282,23 @@ class ExampleBuilder:
             else:
                 self.stats.gold_positions[ex.gold] += 1
             self.stats.sources[len(ex.prompt.sources)] += 1
-            self.stats.fewer_sources += len(ex.prompt.sources) < self.n_sources
+            self.stats.fewer_sources += len(ex.prompt.sources) < ex.drawn
             yield ex
+
+
+def load_reader(
+    model_dir: str | Path, device: str = "cpu", max_new_tokens: int | None = None
+) -> tuple[Reader, int]:
+    """A reader checkpoint and its prompt budget: block_size - max_new_tokens (None: the reader's).
+
+    The room `rag ask` leaves a prompt, so rows built for (or evaluated on) a model are as long as
+    the prompts it is served; training data and evaluation both size prompts here.
+    """
+    from rag.answer import Reader  # imports torch: only where a checkpoint is used
+
+    kw = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+    reader = Reader.load(model_dir, device, **kw)
+    return reader, reader.block_size - reader.max_new_tokens
 
 
 def write_reader_data(

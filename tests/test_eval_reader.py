@@ -1,5 +1,6 @@
 """Reader evaluation: official SQuAD metrics on hand-computed cases, citation metrics on hand-made
-outputs, the overlap baseline, and `rag eval reader` end to end on a real (tiny) checkpoint."""
+outputs, the overlap baseline, and `rag eval reader` end to end on a tiny reader trained (real SFT)
+on the rows `rag train reader-data` builds for the same questions."""
 
 from __future__ import annotations
 
@@ -7,26 +8,18 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from rag.cli import app
-from rag.eval import (
-    answer_text,
-    contains_answer,
-    exact_match,
-    f1_score,
-    normalize_answer,
-    overlap_baseline,
-    score_reader_output,
-    summarize_reader,
-)
-from rag.llm.checkpoint import save_checkpoint
-from rag.llm.model import GPT, ModelConfig
-from rag.llm.tokenizer import Tokenizer
+from rag.config import get_settings
+from rag.eval import overlap_baseline, score_reader_output, summarize_reader
+from rag.llm.align import SFT_KEYS, read_jsonl, train_sft
+from rag.llm.train import TrainConfig
 from rag.prompt import ABSTAIN, Prompt, Source
 from rag.reader_data import ReaderExample
-from tests.test_reader_data import squad_json, write
+from rag.squad import answer_text, contains_answer, exact_match, f1_score, normalize_answer
+from tests.llm.test_data import one_thread  # noqa: F401  (autouse: tiny models train 5x faster)
+from tests.test_reader_data import reader_data, save_tiny_model, squad_json, train_tokenizer, write
 
 
 def test_normalize_answer_is_the_official_one() -> None:
@@ -75,7 +68,7 @@ SOURCES = [
 def example(gold: int | None, sources: list[Source] = SOURCES) -> ReaderExample:
     prompt = Prompt(ids=[0], sources=sources, question="Who won?")
     target = ABSTAIN if gold is None else f"Denver Broncos [{gold}]"
-    return ReaderExample("q", "Who won?", ("Denver Broncos", "Broncos"), prompt, gold, target)
+    return ReaderExample("q", "Who won?", ("Denver Broncos", "Broncos"), prompt, gold, target, len(sources))
 
 
 def test_citation_and_abstention_metrics_hand_computed() -> None:
@@ -126,56 +119,92 @@ def test_overlap_baseline_cites_the_best_matching_sentence() -> None:
     assert overlap_baseline("Who won?", []) == ABSTAIN
 
 
+QUESTIONS, NEW_TOKENS, ABSTAIN_SHARE = 8, 24, 0.3  # 24 tokens hold ABSTAIN and "Tower012 [2]"
+
+
 @pytest.fixture(scope="module")
-def reader_dir(shared_data: Path, tmp_path_factory) -> Path:
-    """A real checkpoint of a tiny GPT (random weights: the pipeline, not the skill, is under test)."""
-    text = (shared_data / "lm" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:200_000]
-    tok = Tokenizer.train([text], vocab_size=600)
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": tok.vocab_size}))
-    out = tmp_path_factory.mktemp("reader")
-    save_checkpoint(out, model, tok)
-    return out
+def trained(shared_data: Path, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(reader, squad, rows): a tiny GPT fine-tuned by rag.llm.align.train_sft until it knows the
+    rows `rag train reader-data --model` built for 8 questions; the eval asks it the same ones, so
+    a right pipeline scores full marks (training and evaluation prompts must agree to the token)."""
+    root = tmp_path_factory.mktemp("reader")
+    init = save_tiny_model(root / "init", train_tokenizer(shared_data))
+    squad = write(root / "dev.json", squad_json(words=2))  # short paragraphs: 1-2 sources fit
+    rows = root / "rows.jsonl"
+    args = ["--model", init, "--max-new-tokens", NEW_TOKENS, "--limit", QUESTIONS, "--abstain", ABSTAIN_SHARE]
+    result = reader_data("--squad", squad, "--out", rows, *args)
+    assert result.exit_code == 0, result.output
+    # val_data: the same rows, so none is held out and every question is trained
+    cfg = TrainConfig(data_dir=str(rows), val_data=str(rows), init_from=str(init),
+                      out_dir=str(root / "reader"), batch_size=QUESTIONS, lr=1e-2, min_lr=1e-3,
+                      warmup_steps=5, max_steps=100,
+                      eval_interval=100, eval_iters=1, progress=False, device="cpu")  # fmt: skip
+    assert train_sft(cfg).train_loss < 0.05
+    return root / "reader", squad, rows
 
 
-def test_eval_reader_cli_end_to_end(reader_dir: Path, tmp_path: Path) -> None:
-    squad = write(tmp_path / "dev.json", squad_json())
+def eval_reader(*args) -> object:
+    return CliRunner().invoke(app, ["eval", "reader", *map(str, args)], env={"COLUMNS": "200"})
+
+
+def test_eval_reader_cli_end_to_end(trained: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    reader, squad, rows = trained
     preds = tmp_path / "out" / "preds.jsonl"  # its folder is made
-    args = ["eval", "reader", "--model", reader_dir, "--squad", squad, "--limit", "12"]
-    result = CliRunner().invoke(
-        app,
-        [
-            str(a)
-            for a in [*args, "--max-new-tokens", "8", "--abstain", "0.3", "--predictions", preds, "--json"]
-        ],
-    )
+    args = ["--model", reader, "--squad", squad, "--limit", QUESTIONS, "--max-new-tokens", NEW_TOKENS]
+    result = eval_reader(*args, "--abstain", ABSTAIN_SHARE, "--predictions", preds, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert (
-        report["examples"] == 12 and report["answerable"] + report["abstain"] == 12 and report["abstain"] > 0
-    )
-    assert report["max_tokens"] == 256 - 8 and report["seed"] == 0
+    assert report["examples"] == QUESTIONS == report["answerable"] + report["abstain"]
+    assert report["abstain"] > 0 and report["build"]["gold_positions"].keys() >= {"1", "2"}
+    assert report["max_tokens"] == 256 - NEW_TOKENS and report["seed"] == 0 and report["sources"] == 5
+    # the trained reader answers every question it was trained on: the right span, the right source
+    assert report["model"] == {
+        "em": 1.0,
+        "f1": 1.0,
+        "citation_precision": 1.0,
+        "gold_citation_rate": 1.0,
+        "invalid_citation_rate": 0.0,
+        "abstention_accuracy": 1.0,
+        "false_abstention_rate": 0.0,
+    }
+    assert {n: at["em"] for n, at in report["model_by_gold_position"].items()} == {"1": 1.0, "2": 1.0}
     # the baseline finds "In <year> lord <name> built <tower>." (3 question words, others share 2):
     # right source always; F1 of a 6-word sentence holding the 1-word answer = 2 * (1/6) / (1 + 1/6)
     base = report["baseline"]
     assert base["gold_citation_rate"] == 1.0 and base["em"] == 0.0 and base["f1"] == pytest.approx(2 / 7)
-    assert base["citation_precision"] == pytest.approx(report["answerable"] / 12)  # abstain rows: imprecise
+    assert base["citation_precision"] == pytest.approx(report["answerable"] / QUESTIONS)  # abstain: imprecise
     assert base["abstention_accuracy"] == 0.0 and base["invalid_citation_rate"] == 0.0
-    # the model's numbers are exactly those of its predictions, one line per example
+    # one prediction line per example, for exactly the questions of the training rows
     lines = [json.loads(line) for line in preds.read_text().splitlines()]
-    assert len(lines) == 12 and {"id", "question", "answers", "model", "baseline"} <= lines[0].keys()
-    assert summarize_reader([row["model"] for row in lines]) == report["model"]
-    assert all(v is None or 0.0 <= v <= 1.0 for v in report["model"].values())
+    assert {line["id"] for line in lines} == {row["id"] for row in read_jsonl(rows, SFT_KEYS)}
+    assert {"id", "question", "answers", "model", "baseline"} <= lines[0].keys()
+    assert summarize_reader([line["model"] for line in lines]) == report["model"]
+    assert [line["model"]["output"] for line in lines] == [
+        row["answer"] for row in read_jsonl(rows, SFT_KEYS)
+    ]
 
-    table = CliRunner().invoke(
-        app, [str(a) for a in [*args, "--max-new-tokens", "8"]], env={"COLUMNS": "200"}
-    )
+    table = eval_reader(*args, "--abstain", ABSTAIN_SHARE)
     assert table.exit_code == 0 and "citation_precision" in table.output and "baseline" in table.output
-    missing = CliRunner().invoke(
-        app, [str(a) for a in ["eval", "reader", "--model", tmp_path / "none", "--squad", squad]]
-    )
+    assert "gold source number {1: " in table.output and "1: EM 1.0000" in table.output
+
+
+def test_eval_reader_errors_and_device(trained: tuple[Path, Path, Path], tmp_path: Path, monkeypatch) -> None:
+    reader, squad, _ = trained
+    missing = eval_reader("--model", tmp_path / "none", "--squad", squad)
     assert (
         missing.exit_code == 1
         and "no reader model at" in missing.output
         and "Traceback" not in missing.output
     )
+    # a bad --predictions path fails first: before the model (here missing too) is even looked at
+    bad = eval_reader("--model", tmp_path / "none", "--squad", squad, "--predictions", tmp_path)
+    assert bad.exit_code == 1 and "Is a directory" in bad.output and "no reader model" not in bad.output
+    # the device comes from RAG_DEVICE, as for `rag ask`
+    monkeypatch.setenv("RAG_DEVICE", "cpu:0")
+    get_settings.cache_clear()
+    try:
+        result = eval_reader("--model", reader, "--squad", squad, "--limit", 2, "--json")
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["device"] == "cpu:0"

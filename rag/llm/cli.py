@@ -19,6 +19,7 @@ from rich.console import Console
 
 from rag.llm.checkpoint import CheckpointError
 from rag.llm.data import DataError, prepare_corpus, resolve_corpus
+from rag.reader_data import DEFAULT_ABSTAIN, DEFAULT_MAX_TOKENS, DEFAULT_SOURCES
 
 app = typer.Typer(no_args_is_help=True)
 console = Console(stderr=True)
@@ -250,27 +251,65 @@ def reader_data(
     squad: Annotated[
         Path, typer.Option(help="SQuAD v1.1 JSON (.json or .json.gz), e.g. train-v1.1.json.gz.")
     ],
-    tokenizer_path: Annotated[
-        Path, typer.Option("--tokenizer", help="tokenizer.json, or a folder holding one (a checkpoint).")
-    ],
     out: Annotated[Path, typer.Option(help="JSONL file to write (rows for `rag train sft`).")],
-    sources: Annotated[int, typer.Option(min=1, help="Sources per prompt: the gold + distractors.")] = 3,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="Checkpoint to build for (the LM to fine-tune, or a reader): its tokenizer, and prompts "
+            "of its context minus --max-new-tokens, as `rag ask` and `rag eval reader` size them."
+        ),
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="With --model: answer room left out of its context (default: the reader's)."
+        ),
+    ] = None,
+    tokenizer_path: Annotated[
+        Path | None,
+        typer.Option("--tokenizer", help="Without --model: tokenizer.json, or a folder holding one."),
+    ] = None,
+    max_tokens: Annotated[
+        int | None,
+        typer.Option(min=16, help=f"Without --model: the prompt budget (default {DEFAULT_MAX_TOKENS})."),
+    ] = None,
+    sources: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Most sources per prompt (gold + distractors); each row draws 1 to this many."
+        ),
+    ] = DEFAULT_SOURCES,
     abstain: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Share of rows without the gold, answered by abstaining.")
-    ] = 0.1,
-    max_tokens: Annotated[
-        int, typer.Option(min=16, help="Prompt budget: the model's block size minus max new tokens.")
-    ] = 1024 - 96,
+    ] = DEFAULT_ABSTAIN,
     limit: Annotated[int | None, typer.Option(min=1, help="Use a seeded sample of N questions.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of distractors, positions, abstention, sample.")] = 0,
 ) -> None:
     """Reader SFT rows from SQuAD: numbered sources (gold + distractors) -> cited answer or abstention."""
     from rag.llm.tokenizer import Tokenizer
-    from rag.reader_data import write_reader_data
+    from rag.reader_data import load_reader, write_reader_data
 
+    if model is not None:
+        if tokenizer_path is not None or max_tokens is not None:
+            raise ValueError(
+                "--model sets the tokenizer and the prompt budget: drop --tokenizer / --max-tokens"
+            )
+        reader, max_tokens = load_reader(model, "cpu", max_new_tokens)
+        tokenizer = reader.tokenizer
+    elif tokenizer_path is None:
+        raise ValueError(
+            "give --model DIR (a checkpoint: its tokenizer and context size the prompts) "
+            "or --tokenizer PATH (with --max-tokens)"
+        )
+    elif max_new_tokens is not None:
+        raise ValueError(
+            "--max-new-tokens needs --model; without one, set the prompt budget with --max-tokens"
+        )
+    else:
+        tokenizer, max_tokens = Tokenizer.load(tokenizer_path), max_tokens or DEFAULT_MAX_TOKENS
     stats = write_reader_data(
         squad,
-        Tokenizer.load(tokenizer_path),
+        tokenizer,
         out,
         limit=limit,
         progress=True,
@@ -283,8 +322,10 @@ def reader_data(
     console.print(
         f"{out}: {stats['rows']:,} rows from {stats['questions']:,} questions "
         f"({stats['answerable']:,} answerable, {stats['abstain']:,} abstain); skipped: {skipped}\n"
-        f"sources per row {stats['sources']}, gold position {stats['gold_positions']}, "
-        f"{stats['fewer_sources']:,} rows with fewer than {sources} sources (budget)"
+        f"prompts of at most {max_tokens} tokens; sources per row {stats['sources']}, "
+        f"gold position {stats['gold_positions']}, {stats['fewer_sources']:,} rows with fewer "
+        "sources than drawn (budget)",
+        highlight=False,
     )
 
 
