@@ -233,14 +233,15 @@ def compiled_decoding(
     eager, eager_ids = decode_ms(model, (position,), new_tokens, warmup=8)
     t0 = time.perf_counter()
     decoder = CompiledDecoder(model)
-    compiled, compiled_ids = decode_ms(
-        model,
-        (position,),
-        new_tokens,
-        warmup=8,
-        step=lambda tok, cache: decoder.step(tok, cache, None),
-        new_cache=lambda p: decoder.cache(1),
-    )
+    with decoder.cache(1) as static_cache:
+        compiled, compiled_ids = decode_ms(
+            model,
+            (position,),
+            new_tokens,
+            warmup=8,
+            step=lambda tok, cache: decoder.step(tok, cache, None),
+            new_cache=lambda p: static_cache,
+        )
     total_s = time.perf_counter() - t0
     eager, compiled = eager[position], compiled[position]
     eager_ids, compiled_ids = eager_ids[position], compiled_ids[position]
