@@ -9,6 +9,10 @@ model is loaded on the first question and shared; it is not re-entrant, so one a
 at a time (a lock), at most RAG_ANSWER_QUEUE answers wait or run (more get a 503 with Retry-After,
 so waiting requests never tie up the server's worker threads), and a streamed answer stops
 generating as soon as its client goes away.
+
+`POST /v1/chat/completions` is the same answer in OpenAI's chat completion format, so OpenAI
+clients can use it: the last user message is the question, and both endpoints share one code path
+(queue, lock, stream worker); only the wire format differs (`AskEvents` vs `ChatCompletion`).
 """
 
 from __future__ import annotations
@@ -19,15 +23,16 @@ import logging
 import queue
 import secrets
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Generator
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Protocol
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from starlette.background import BackgroundTask
 
 from rag.answer import Answer, Reader, ReaderUnavailable, ask, ask_stream
@@ -44,6 +49,9 @@ MAX_PATHS = 100
 MAX_PATH_CHARS = 4096
 MAX_ASK_K = 20  # more sources than a 1k-token context can show only get cut from the prompt
 MAX_NEW_TOKENS = 512
+MAX_MESSAGES = 50
+MAX_MESSAGE_CHARS = 20_000  # earlier turns are not read, but a request body stays bounded
+MAX_STOPS = 4  # as OpenAI
 
 log = logging.getLogger("rag.api")
 
@@ -61,21 +69,213 @@ class SearchResponse(BaseModel):
     results: list[Hit]  # the library dataclass: document, page and character span to cite
 
 
+# Options /v1/ask and /v1/chat/completions share, with the same limits.
+AnswerK = Annotated[int, Field(ge=1, le=MAX_ASK_K, description="Passages retrieved and shown to the model.")]
+Mode = Literal[MODES]  # type: ignore[valid-type]  # the retriever's own list
+NewTokens = Annotated[
+    int | None,
+    Field(ge=1, le=MAX_NEW_TOKENS, description="Longest answer; default: the reader's (96 tokens)."),
+]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 = greedy (deterministic).")]
+
+
+def generation_config(reader: Reader, max_new_tokens: int | None, **options) -> GenerationConfig:
+    """The request's options over the reader's defaults (None: the reader's answer room)."""
+    max_new = max_new_tokens if max_new_tokens is not None else reader.max_new_tokens
+    return GenerationConfig(max_new_tokens=max_new, **options)
+
+
 class AskRequest(BaseModel):
     question: Annotated[
         str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_QUERY_CHARS)
     ]
-    k: int = Field(5, ge=1, le=MAX_ASK_K, description="Passages retrieved and shown to the model.")
-    mode: Literal[MODES] = "hybrid"  # type: ignore[valid-type]
-    max_new_tokens: int | None = Field(
-        None, ge=1, le=MAX_NEW_TOKENS, description="Longest answer; default: the reader's (96 tokens)."
-    )
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy (deterministic).")
+    k: AnswerK = 5
+    mode: Mode = "hybrid"
+    max_new_tokens: NewTokens = None
+    temperature: Temperature = 0.0
     stream: bool = Field(False, description="Answer as a text/event-stream of token events.")
 
     def generation(self, reader: Reader) -> GenerationConfig:
-        max_new = self.max_new_tokens if self.max_new_tokens is not None else reader.max_new_tokens
-        return GenerationConfig(max_new_tokens=max_new, temperature=self.temperature)
+        return generation_config(reader, self.max_new_tokens, temperature=self.temperature)
+
+
+class TextPart(BaseModel):
+    """One part of a message's content; OpenAI's other kinds (images, audio, files) are refused."""
+
+    type: str
+    text: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)] = ""
+
+    @model_validator(mode="after")
+    def _text_only(self) -> TextPart:
+        if self.type != "text":
+            raise ValueError(f"content parts of type {self.type!r} are not supported: only 'text'")
+        return self
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    # None: an assistant turn that only called tools; other fields (name, tool_calls) are ignored
+    content: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)] | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "\n".join(part.text for part in self.content)
+        return self.content or ""
+
+
+Stop = Annotated[str, Field(min_length=1, max_length=MAX_QUERY_CHARS)]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False  # a last chunk with `usage` and no choices, before [DONE]
+
+
+class ChatRequest(BaseModel):
+    """OpenAI's chat completion request. Honoured: the fields below. Any other field (tools,
+    logprobs, penalties, response_format, user, ...) is accepted and ignored, as OpenAI clients
+    send many; `k` and `mode` are our extensions. Only the last message, the user's question, is
+    read: retrieval and the reader answer it alone (system messages and earlier turns are ignored).
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field("rag", max_length=256, description="Echoed back; the server's reader answers.")
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: NewTokens = None
+    max_completion_tokens: NewTokens = None  # OpenAI's newer name for max_tokens
+    temperature: Temperature | None = None  # None: 0, greedy, as /v1/ask (OpenAI's default is 1)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int | None = Field(None, ge=1, le=1, description="One answer per request.")
+    stop: Stop | Annotated[list[Stop], Field(min_length=1, max_length=MAX_STOPS)] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    k: AnswerK = 5
+    mode: Mode = "hybrid"
+
+    @model_validator(mode="after")
+    def _ends_with_a_question(self) -> ChatRequest:
+        last = self.messages[-1].role
+        if last != "user":
+            raise ValueError(f"the last message must be the user's question; it is from {last!r}")
+        if not self.question:
+            raise ValueError("the last user message is empty")
+        if len(self.question) > MAX_QUERY_CHARS:
+            raise ValueError(
+                f"the question (the last user message) has {len(self.question)} characters, "
+                f"at most {MAX_QUERY_CHARS}"
+            )
+        if None not in (self.max_tokens, self.max_completion_tokens) and (
+            self.max_tokens != self.max_completion_tokens
+        ):
+            raise ValueError("max_tokens and max_completion_tokens differ: give one")
+        return self
+
+    @property
+    def question(self) -> str:
+        return self.messages[-1].text().strip()
+
+    def generation(self, reader: Reader) -> GenerationConfig:
+        return generation_config(
+            reader,
+            self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens,
+            temperature=self.temperature or 0.0,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop_strings=[self.stop] if isinstance(self.stop, str) else self.stop or (),
+        )
+
+
+class AnswerRequest(Protocol):
+    """What the shared answer path reads from a request of either endpoint."""
+
+    question: str
+    k: int
+    mode: str
+    stream: bool
+
+    def generation(self, reader: Reader) -> GenerationConfig: ...
+
+
+class Events(Protocol):
+    """How one endpoint writes a streamed answer as server-sent events."""
+
+    def opening(self) -> list[dict]: ...
+    def piece(self, text: str) -> dict: ...
+    def closing(self, answer: Answer) -> list[dict]: ...
+    def failure(self, detail: str) -> dict: ...
+
+
+class AskEvents:
+    """/v1/ask: token events, then the JSON answer as one event."""
+
+    def opening(self) -> list[dict]:
+        return []
+
+    def piece(self, text: str) -> dict:
+        return {"type": "token", "text": text}
+
+    def closing(self, answer: Answer) -> list[dict]:
+        return [{"type": "answer", **answer.to_dict()}]
+
+    def failure(self, detail: str) -> dict:
+        return {"type": "error", "detail": detail}
+
+
+class ChatCompletion:
+    """/v1/chat/completions: one completion (id, time, model) as a whole or as chunks. OpenAI's
+    finish reasons are "stop" and "length", so ours that say why nothing was generated
+    ("no_sources", "no_room") are "stop" there and given as they are in the `rag` extension."""
+
+    def __init__(self, model: str, include_usage: bool = False):
+        self.id, self.created, self.model = f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), model
+        self.include_usage = include_usage
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    @staticmethod
+    def finish_reason(answer: Answer) -> str:
+        return "length" if answer.finish_reason == "length" else "stop"
+
+    @staticmethod
+    def usage(answer: Answer) -> dict:
+        prompt, completion = int(answer.timings["prompt_tokens"]), int(answer.timings["new_tokens"])
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    @staticmethod
+    def rag(answer: Answer) -> dict:
+        whole = answer.to_dict()
+        return {key: whole[key] for key in ("abstained", "citations", "sources", "finish_reason")}
+
+    def whole(self, answer: Answer) -> dict:
+        message = {"role": "assistant", "content": answer.text}
+        choice = {"index": 0, "message": message, "finish_reason": self.finish_reason(answer)}
+        return {
+            **self._head("chat.completion"),
+            "choices": [choice],
+            "usage": self.usage(answer),
+            "rag": self.rag(answer),
+        }
+
+    def chunk(self, delta: dict, finish_reason: str | None = None) -> dict:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        return {**self._head("chat.completion.chunk"), "choices": [choice]}
+
+    def opening(self) -> list[dict]:
+        return [self.chunk({"role": "assistant"})]
+
+    def piece(self, text: str) -> dict:
+        return self.chunk({"content": text})
+
+    def closing(self, answer: Answer) -> list[dict]:
+        last = {**self.chunk({}, self.finish_reason(answer)), "rag": self.rag(answer)}
+        if not self.include_usage:
+            return [last]
+        return [last, {**self._head("chat.completion.chunk"), "choices": [], "usage": self.usage(answer)}]
+
+    def failure(self, detail: str) -> dict:
+        return {"error": {"message": detail, "type": "server_error"}}  # what OpenAI clients raise on
 
 
 class IngestRequest(BaseModel):
@@ -198,14 +398,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         hits = services.retriever().search(req.query, k=req.k, mode=req.mode, mmr_lambda=req.mmr_lambda)
         return SearchResponse(query=req.query, mode=req.mode, results=hits)
 
-    @api.post("/v1/ask")
-    def answer(req: AskRequest):
-        """Retrieve `k` passages, answer from them with [n] citations (the shape of `rag ask --json`).
-
-        With `stream: true` the answer comes as server-sent events: `{"type": "token", "text"}` per
-        piece of text, then `{"type": "answer", ...}` (the JSON answer), then `[DONE]`; an error
-        after the stream started is a `{"type": "error", "detail"}` event.
-        """
+    def answer_with_reader(req: AnswerRequest, events: Events) -> Answer | StreamingResponse:
+        """The one answer path of both endpoints: the Answer, or (`stream`) its event stream."""
         reader = services.reader()  # 503 before any retrieval when nothing could answer
         retriever = services.retriever()
         question, opts = req.question, {"k": req.k, "mode": req.mode, "config": req.generation(reader)}
@@ -216,18 +410,42 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         release = services.answer_slots.release
         try:  # bad input the model notices (max_new_tokens beyond its context) raises before generating
             if req.stream:  # retrieves and builds the prompt now, then generates in a worker thread
-                response = stream_answer(ask_stream(question, retriever, reader, **opts), services, release)
+                pieces = ask_stream(question, retriever, reader, **opts)
+                response = stream_answer(pieces, services, release, events)
                 release = None  # the worker gives the slot back when it ends
                 return response
             with services.generating:
                 result = ask(question, retriever, reader, **opts)
                 services.answered += 1
-            return result.to_dict()
+            return result
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
         finally:
             if release is not None:
                 release()
+
+    @api.post("/v1/ask")
+    def answer(req: AskRequest):
+        """Retrieve `k` passages, answer from them with [n] citations (the shape of `rag ask --json`).
+
+        With `stream: true` the answer comes as server-sent events: `{"type": "token", "text"}` per
+        piece of text, then `{"type": "answer", ...}` (the JSON answer), then `[DONE]`; an error
+        after the stream started is a `{"type": "error", "detail"}` event.
+        """
+        result = answer_with_reader(req, AskEvents())
+        return result if isinstance(result, StreamingResponse) else result.to_dict()
+
+    @api.post("/v1/chat/completions")
+    def chat_completions(req: ChatRequest):
+        """The /v1/ask answer to the last user message, as OpenAI's `chat.completion` (or, with
+        `stream: true`, `chat.completion.chunk` events, then `[DONE]`), plus a `rag` field with
+        the citations, the sources and whether the reader abstained. Errors keep this API's
+        `{"detail": ...}` bodies; an error after the stream started is an `{"error": ...}` event.
+        """
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        completion = ChatCompletion(req.model, include_usage)
+        result = answer_with_reader(req, completion)
+        return result if isinstance(result, StreamingResponse) else completion.whole(result)
 
     @api.get("/v1/documents")
     def documents() -> list[dict]:
@@ -260,9 +478,12 @@ def sse(data: dict | str) -> str:
 
 
 def stream_answer(
-    pieces: Generator[str, None, Answer], services: Services, release: Callable[[], None]
+    pieces: Generator[str, None, Answer],
+    services: Services,
+    release: Callable[[], None],
+    events_format: Events,
 ) -> StreamingResponse:
-    """A streamed answer as server-sent events.
+    """A streamed answer as server-sent events, written by `events_format`.
 
     Generation runs in a worker thread, started at once, that holds the generation lock and hands
     each piece to the response through a queue; when it ends it calls `release` (the answer slot)
@@ -284,7 +505,7 @@ def stream_answer(
                     log.info("answer stream stopped: the client disconnected")
                 except StopIteration as end:
                     services.answered += 1
-                    events_queue.put(("answer", end.value.to_dict()))
+                    events_queue.put(("answer", end.value))
                 except Exception as exc:  # the stream already sent 200: say what failed, never hang
                     log.exception("answer stream failed")
                     events_queue.put(("error", f"{type(exc).__name__}: {exc}"))
@@ -298,18 +519,19 @@ def stream_answer(
 
     async def events() -> AsyncIterator[str]:
         try:
+            for event in events_format.opening():
+                yield sse(event)
             while True:
                 kind, value = await asyncio.to_thread(events_queue.get)
                 if kind == "token":
-                    yield sse({"type": "token", "text": value})
+                    yield sse(events_format.piece(value))
                     continue
                 if kind != "end":
-                    final = (
-                        {"type": "answer", **value}
-                        if kind == "answer"
-                        else {"type": "error", "detail": value}
+                    last = (
+                        events_format.closing(value) if kind == "answer" else [events_format.failure(value)]
                     )
-                    yield sse(final)
+                    for event in last:
+                        yield sse(event)
                     yield sse("[DONE]")
                 break
         finally:
