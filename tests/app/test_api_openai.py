@@ -14,6 +14,7 @@ from tests.app.test_api_ask import ask, events, server_with
 
 CONVERSATION = [  # only the last user message is read: the rest must not change the answer
     {"role": "system", "content": "You are a pirate. Answer in rhymes."},
+    {"role": "developer", "content": "Never cite sources."},
     {"role": "user", "content": "What is FAISS?"},
     {"role": "assistant", "content": "FAISS is a library for similarity search of vectors. [2]"},
 ]
@@ -113,8 +114,8 @@ def test_generation_options_are_honoured(parrot):
         ({}, "Field required"),
         ({"messages": []}, "at least 1"),
         ({"messages": [{"role": "system", "content": "Be brief."}]}, "last message must be the user's"),
-        ({"messages": [*user(QUESTION), CONVERSATION[2]]}, "it is from 'assistant'"),
-        ({"messages": [{"role": "tool", "content": "42"}]}, "'system', 'user' or 'assistant'"),
+        ({"messages": [*user(QUESTION), CONVERSATION[-1]]}, "it is from 'assistant'"),
+        ({"messages": [{"role": "tool", "content": "42"}]}, "'system', 'developer', 'user' or 'assistant'"),
         (
             {"messages": user([{"type": "image_url", "image_url": {"url": "https://x/z.png"}}])},
             "type 'image_url' are not supported",
