@@ -25,6 +25,7 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Generator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Literal, Protocol
 
@@ -35,7 +36,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from starlette.background import BackgroundTask
 
-from rag.answer import Answer, Reader, ReaderUnavailable, ask, ask_stream
+from rag.answer import Answer, Reader, ReaderUnavailable, ask_stream, drain
 from rag.config import Settings, get_settings
 from rag.embed import get_embedder
 from rag.ingest.job import ingest
@@ -303,6 +304,9 @@ class Services:
         self.generating = threading.Lock()  # the model is not re-entrant: one answer at a time
         # Answers running or waiting for `generating`; each waiting one holds a thread.
         self.answer_slots = threading.BoundedSemaphore(settings.answer_queue)
+        # Each open stream waits for its next piece in one of these threads: a pool of their own,
+        # so streams never queue behind each other in the event loop's small default pool.
+        self.stream_readers = ThreadPoolExecutor(settings.answer_queue, thread_name_prefix="rag-stream")
         self.answered = 0  # answers generated to the end
         self.cancelled = 0  # streamed answers stopped early because their client went away
 
@@ -414,8 +418,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 response = stream_answer(pieces, services, release, events)
                 release = None  # the worker gives the slot back when it ends
                 return response
+            pieces = ask_stream(question, retriever, reader, **opts)  # retrieval outside the lock
             with services.generating:
-                result = ask(question, retriever, reader, **opts)
+                result = drain(pieces)
                 services.answered += 1
             return result
         except ValueError as exc:
@@ -518,11 +523,12 @@ def stream_answer(
     threading.Thread(target=work, name="rag-answer", daemon=True).start()
 
     async def events() -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
         try:
             for event in events_format.opening():
                 yield sse(event)
             while True:
-                kind, value = await asyncio.to_thread(events_queue.get)
+                kind, value = await loop.run_in_executor(services.stream_readers, events_queue.get)
                 if kind == "token":
                     yield sse(events_format.piece(value))
                     continue

@@ -12,10 +12,11 @@ What counts as a marker (decided so that parsing never guesses and never crashes
 "supported" is a cheap, explainable check, no model: the content words of the sentence the marker
 closes (Unicode `\\w+`, lowercased, stop-words left out) must mostly appear in the cited source
 (at least SUPPORT_SHARE of them), or the whole sentence must appear in it verbatim (ignoring case
-and spacing). A word is found when the source has a word starting with the same letters, ignoring
-up to two final letters of words of six letters or more (matched by a word at most two letters
-longer than the word itself), so inflection (Czech "Pražském"/"Pražský", Ukrainian "столиці"/"столиця",
-English plurals) does not break the match, while "Paris" never matches "parish". Any script.
+and spacing). A word is found in the source as it is or as an inflection sharing its stem (see
+`_found`: Czech "Pražském"/"Pražský", "město"/"městě", Ukrainian "столиці"/"столиця", Russian
+"война"/"войны", English "cities"/"city"), while "Paris" never matches "parish", "Warsaw"
+never "wars" and a number only itself (a number missing from the source makes the sentence
+unsupported, whatever else matches). Any script.
 
 What it cannot catch: negation or changed relations ("X did not win" vs "X won": same words),
 paraphrase with other words (a supported sentence may be flagged unsupported), and claims stitched
@@ -87,17 +88,40 @@ def _words(text: str) -> list[str]:
     return _WORD_RE.findall(text.casefold())
 
 
+def _english_base(word: str) -> str:
+    """Undo the English endings that change a word's last letters: cities -> city, studied ->
+    study, stopped/stopping -> stop. Other words are returned as they are."""
+    if word.endswith(("ies", "ied")) and len(word) > 4:
+        return word[:-3] + "y"
+    for ending in ("ed", "ing"):
+        base = word.removesuffix(ending)
+        if base != word and len(base) >= 3 and base[-1] == base[-2] and base[-1] not in "aeiouls":
+            return base[:-1]  # a doubled final consonant: stopped, planned
+    return word
+
+
 def _found(word: str, vocab: set[str]) -> bool:
-    """The word is in vocab, or shares its stem with a word there: for words of _STEM_MIN letters
-    or more, the word minus its last two letters, matched by a vocab word at most two letters
-    longer than the word (an inflection, not a longer word: "Broncos" never matches
-    "bronchitis"; shorter words must match exactly, so "Paris" never matches "parish")."""
-    if word in vocab:
+    """The word, or an inflection of it, is in vocab.
+
+    Inflections are matched by a shared stem: for words of _STEM_MIN letters or more, the word
+    minus up to two final letters (never below 5 letters: "warsaw" must not find "wars"), in a
+    vocab word at most two letters longer than the word ("Broncos" does not find "bronchitis");
+    for 4-5 letter words in a non-Latin or accented script (where short words inflect: война/
+    войны, město/městě), all but the last letter, in a word of about the same length. Short
+    Latin-script words must match exactly, so "Paris" never finds "parish". Words with digits
+    match exactly: 2500 is not 250000. English -ies/-ied and doubled consonants are undone first.
+    """
+    if word in vocab or _english_base(word) in {_english_base(w) for w in vocab}:
         return True
-    if len(word) < _STEM_MIN:
+    if any(c.isdigit() for c in word):
         return False
-    stem = word[:-2]
-    return any(w.startswith(stem) and len(w) <= len(word) + 2 for w in vocab)
+    if len(word) >= _STEM_MIN:
+        stem = word[: max(5, len(word) - 2)]
+        return any(w.startswith(stem) and len(w) <= len(word) + 2 for w in vocab)
+    if len(word) >= 4 and not word.isascii():
+        stem = word[:-1]
+        return any(w.startswith(stem) and abs(len(w) - len(word)) <= 1 for w in vocab)
+    return False
 
 
 def is_supported(sentence: str, source_text: str) -> bool:
@@ -109,6 +133,8 @@ def is_supported(sentence: str, source_text: str) -> bool:
         return True
     content = [w for w in words if w not in STOP_WORDS] or words
     vocab = set(_words(source_text))
+    if any(any(c.isdigit() for c in w) and w not in vocab for w in content):
+        return False  # a number is the claim itself: a wrong one is never backed by the rest
     found = sum(_found(w, vocab) for w in content)
     return found >= SUPPORT_SHARE * len(content)
 

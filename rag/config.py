@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     )
     model_dir: Path = Field(Path("models/reader"), description="Checkpoint of our own decoder LLM.")
     answer_queue: int = Field(
-        4, ge=1, description="API answers generating or waiting at once; more get 503 (retry later)."
+        4, ge=1, le=32, description="API answers generating or waiting at once; more get 503 (retry later)."
     )
 
     @model_validator(mode="after")

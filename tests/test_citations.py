@@ -126,6 +126,21 @@ def test_support_rule_edges() -> None:
     # a stem matches inflections, not longer words that merely start the same
     assert not is_supported("Paris", "The parish church stands in Lyon.")
     assert not is_supported("Broncos", "He had bronchitis.")
+    assert not is_supported("It cost 250000 dollars.", "It cost 2500 dollars.")  # numbers exactly
+    assert is_supported("It cost 2500 dollars.", "In 1990 it cost 2500 dollars.")
+    for sentence, source in [
+        ("Zebras live in Warsaw.", "Zebras survived the wars."),
+        ("The mother cared for the planet.", "The moth landed on the plans."),
+        ("Police arrested the natives.", "Polish politics shaped the nations."),
+    ]:
+        assert not is_supported(sentence, source), sentence
+    for sentence, source in [
+        ("They studied the cities.", "They study the city."),
+        ("He stopped the planned war.", "He stop plan war."),
+        ("Ve městě je hrad.", "Město má hradu."),
+        ("Война началась в Москве.", "Войны начались в Москва."),
+    ]:
+        assert is_supported(sentence, source), sentence
     assert is_supported("Broncos", "the Bronco won") and is_supported("Pražském hradu", "Pražský hrad")
     # half of the content words is enough; fewer is not
     assert is_supported("Woodstock rocks", src) and not is_supported("Woodstock rocked Paris", src)

@@ -99,7 +99,7 @@ class KVCache:
         if static and torch.device(device or "cpu").type == "cuda":
             # fixed addresses let CUDA graphs replay steps that write into these buffers in place
             for t in (*self.k, *self.v, self.pos, self.next_pos, self.cursor):
-                torch._dynamo.mark_static_address(t)
+                torch._dynamo.mark_static_address(t, guard=False)  # no recompile per pooled cache
         self.reset()
 
     def reset(self) -> None:

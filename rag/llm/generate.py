@@ -16,6 +16,7 @@ replayed as a CUDA graph. Prefill stays eager (prompt lengths vary).
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -48,7 +49,11 @@ class GenerationConfig:
                 raise ValueError(f"{name} must be an integer, got {value!r}")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if not (isinstance(self.temperature, int | float) and 0 <= self.temperature < math.inf):
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+        if not 0 <= self.temperature < math.inf:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
@@ -56,8 +61,12 @@ class GenerationConfig:
             raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p}")
         if isinstance(self.stop_strings, str):  # a bare string would be read as one stop per character
             self.stop_strings = (self.stop_strings,)
-        if any(not s for s in self.stop_strings):
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ValueError("stop_strings must be non-empty strings")
+        if isinstance(self.stop_token_ids, str) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in self.stop_token_ids
+        ):
+            raise ValueError(f"stop_token_ids must be integers, got {self.stop_token_ids!r}")
 
 
 @dataclass
@@ -228,21 +237,27 @@ class CompiledDecoder:
         self.mode = mode if mode is not None else ("reduce-overhead" if on_cuda else "default")
         self.step: Forward = torch.compile(forward_last(model), fullgraph=True, mode=self.mode)
         self._free: dict[tuple[int, int], list[KVCache]] = {}
+        self._lock = threading.Lock()  # lending is thread-safe; one cache serves one generation
 
     @contextmanager
     def cache(self, batch_size: int, slots: int | None = None) -> Iterator[KVCache]:
         """Lend an empty static cache of batch_size rows and at least `slots` slots (default: the
         model's context). Usually that is block_size; left padding can need more slots than any
-        row has positions, and then a larger cache is made (and compiled for) once."""
-        size = max(self.model.config.block_size, slots or 0)
-        free = self._free.setdefault((batch_size, size), [])
+        row has positions, and then a cache of the next multiple of block_size is made (and
+        compiled for) once, so few shapes ever exist."""
+        block = self.model.config.block_size
+        size = block * max(1, math.ceil((slots or 0) / block))
+        with self._lock:
+            free = self._free.setdefault((batch_size, size), [])
+            cache = free.pop() if free else None
         with torch.inference_mode():  # the engine decodes in inference mode; so are its caches
-            cache = free.pop() if free else self.model.new_cache(batch_size, size, static=True)
+            cache = cache or self.model.new_cache(batch_size, size, static=True)
             cache.reset()
         try:
             yield cache
         finally:
-            free.append(cache)
+            with self._lock:
+                free.append(cache)
 
 
 @torch.inference_mode()

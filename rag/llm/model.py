@@ -303,7 +303,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float,
     q = q.reshape(B, n_kv, G * T, D)
     if not need_weights:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        return y.view(B, H, T, D), None
+        # reshape, not view: fused CUDA kernels return (B, G*T, H_kv, D) memory transposed
+        return y.reshape(B, H, T, D), None
     scores = (q @ k.transpose(-2, -1)).float() * D**-0.5
     scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     weights = scores.softmax(dim=-1).to(q.dtype)

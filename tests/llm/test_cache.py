@@ -200,3 +200,20 @@ def test_moe_top1_cached_decoding_matches_full_forward():
     model = make_model(cfg)
     x = tokens(cfg, 2, SEQ)
     torch.testing.assert_close(decode(model, x, [5, 1, 8]), model(x).logits, atol=ATOL, rtol=0)
+
+
+def test_gqa_attention_accepts_transposed_kernel_outputs(monkeypatch):
+    """CUDA's memory-efficient kernel (the one masked attention gets) returns its output with
+    (B, T, H, D) memory order; the folded GQA path must not assume a contiguous result."""
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def like_cuda(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)  # same values, transposed memory
+
+    cfg = tiny(n_kv_head=2, pos="alibi")  # GQA with a per-head additive bias
+    model = make_model(cfg)
+    x = tokens(cfg, 2, SEQ)
+    want = decode(model, x, [5, 1, 8])
+    monkeypatch.setattr("rag.llm.model.F.scaled_dot_product_attention", like_cuda)
+    torch.testing.assert_close(decode(model, x, [5, 1, 8]), want, atol=ATOL, rtol=0)

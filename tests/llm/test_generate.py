@@ -269,6 +269,11 @@ def test_bad_input(tok: Tokenizer) -> None:
         {"max_new_tokens": 2.5},
         {"top_k": 3.0},
         {"seed": "1"},
+        {"temperature": True},
+        {"top_p": True},
+        {"stop_strings": [5]},
+        {"stop_token_ids": "ab"},
+        {"stop_token_ids": [1.0]},
     ):
         with pytest.raises(ValueError):
             GenerationConfig(**bad)
