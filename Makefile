@@ -26,7 +26,7 @@ ingest: install
 # API in the background, the web UI in the foreground; Ctrl-C stops both.
 # Admin endpoints (ingest, delete) need RAG_API_KEY set: `RAG_API_KEY=secret make run`.
 run: ingest
-	RAG_INDEX_DIR=$(INDEX) $(BIN)/uvicorn app.api:app --host 127.0.0.1 --port $(API_PORT) & api=$$!; \
+	RAG_INDEX_DIR=$(INDEX) $(BIN)/uvicorn app.api:app --host 127.0.0.1 --port $(API_PORT) --timeout-graceful-shutdown 5 & api=$$!; \
 	trap "kill $$api" EXIT INT TERM; \
 	RAG_API_URL=http://127.0.0.1:$(API_PORT) $(BIN)/streamlit run app/ui.py --server.port $(UI_PORT) \
 		--server.headless true --browser.gatherUsageStats false
