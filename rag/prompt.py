@@ -21,7 +21,7 @@ points at exactly the text the model saw.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from rag.llm.tokenizer import ANSWER, QUESTION, SOURCE, Tokenizer
 
@@ -119,18 +119,6 @@ def build_prompt(
         if not text.strip() or len(body) + len(header) + len(piece) > room:
             break
         body += header + piece
-        kept.append(
-            Source(
-                n=n,
-                title=passage.title,
-                page=passage.page,
-                start=passage.start,
-                end=passage.start + len(text),
-                text=text,
-                doc_id=passage.doc_id,
-                chunk_id=passage.chunk_id,
-                path=passage.path,
-            )
-        )
+        kept.append(replace(passage, n=n, end=passage.start + len(text), text=text))
     ids = [tokenizer.bos_id, *body, *tail]
     return Prompt(ids=ids, sources=kept, question=question, dropped=len(passages) - len(kept))
