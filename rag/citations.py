@@ -100,8 +100,8 @@ def _english_base(word: str) -> str:
     return word
 
 
-def _found(word: str, vocab: set[str]) -> bool:
-    """The word, or an inflection of it, is in vocab.
+def _found(word: str, vocab: set[str], bases: set[str]) -> bool:
+    """The word, or an inflection of it, is in vocab (bases: its words through _english_base).
 
     Inflections are matched by a shared stem: for words of _STEM_MIN letters or more, the word
     minus up to two final letters (never below 5 letters: "warsaw" must not find "wars"), in a
@@ -111,7 +111,7 @@ def _found(word: str, vocab: set[str]) -> bool:
     Latin-script words must match exactly, so "Paris" never finds "parish". Words with digits
     match exactly: 2500 is not 250000. English -ies/-ied and doubled consonants are undone first.
     """
-    if word in vocab or _english_base(word) in {_english_base(w) for w in vocab}:
+    if word in vocab or _english_base(word) in bases:
         return True
     if any(c.isdigit() for c in word):
         return False
@@ -129,13 +129,15 @@ def is_supported(sentence: str, source_text: str) -> bool:
     words = _words(sentence)
     if not words:
         return False
-    if f" {' '.join(words)} " in f" {' '.join(_words(source_text))} ":  # verbatim, whole words
+    source_words = _words(source_text)
+    if f" {' '.join(words)} " in f" {' '.join(source_words)} ":  # verbatim, whole words
         return True
     content = [w for w in words if w not in STOP_WORDS] or words
-    vocab = set(_words(source_text))
+    vocab = set(source_words)
     if any(any(c.isdigit() for c in w) and w not in vocab for w in content):
         return False  # a number is the claim itself: a wrong one is never backed by the rest
-    found = sum(_found(w, vocab) for w in content)
+    bases = {_english_base(w) for w in vocab}  # once per source, not once per word
+    found = sum(_found(w, vocab, bases) for w in content)
     return found >= SUPPORT_SHARE * len(content)
 
 
