@@ -413,12 +413,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         release = services.answer_slots.release
         try:  # bad input the model notices (max_new_tokens beyond its context) raises before generating
-            if req.stream:  # retrieves and builds the prompt now, then generates in a worker thread
-                pieces = ask_stream(question, retriever, reader, **opts)
+            # retrieves and builds the prompt now, outside the generation lock
+            pieces = ask_stream(question, retriever, reader, **opts)
+            if req.stream:  # generated in a worker thread
                 response = stream_answer(pieces, services, release, events)
                 release = None  # the worker gives the slot back when it ends
                 return response
-            pieces = ask_stream(question, retriever, reader, **opts)  # retrieval outside the lock
             with services.generating:
                 result = drain(pieces)
                 services.answered += 1
