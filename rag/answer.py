@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from rag.citations import CITATION_RE, Citation, parse_citations
+from rag.citations import Citation, parse_citations
 from rag.llm.checkpoint import load_checkpoint
 from rag.llm.generate import CompiledDecoder, GenerationConfig, stream
 from rag.llm.model import GPT
 from rag.llm.tokenizer import Tokenizer
 from rag.prompt import ABSTAIN, Prompt, Source, build_prompt
 from rag.retrieve import Retriever
+from rag.squad import answer_text
 from rag.types import Hit
 
 T = TypeVar("T")
@@ -74,8 +75,7 @@ def hit_to_source(hit: Hit) -> Source:
 
 def is_abstention(text: str) -> bool:
     """The text says ABSTAIN (ignoring case, spacing, the final stop and any citation marker)."""
-    said = " ".join(CITATION_RE.sub(" ", text).split()).casefold().rstrip(".!")
-    return said == ABSTAIN.casefold().rstrip(".")
+    return answer_text(text).casefold().rstrip(".!") == ABSTAIN.casefold().rstrip(".")
 
 
 def _stripped(pieces: Generator[str, None, T]) -> Generator[str, None, T]:

@@ -182,6 +182,7 @@ def test_abstention(reader, retriever) -> None:
     assert answer.text == ABSTAIN and answer.abstained and answer.citations == []
     assert answer.finish_reason == "stop" and len(answer.sources) == K
     assert is_abstention(" the documents do NOT contain the answer. [1]")
+    assert is_abstention("The documents do not contain the answer [1].")  # the marker before the stop
     assert is_abstention("The documents do not contain the answer")  # the final stop left out
     assert not is_abstention("The documents do not contain the answer, but Paris [1]")
 
