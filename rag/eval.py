@@ -296,8 +296,9 @@ def score_reader_output(text: str, example: ReaderExample) -> dict:
         "gold_cited": any(c.n == example.gold for c in valid),
     }
     if example.gold is not None:
-        row["em"] = exact_match(answer_text(text), example.answers)
-        row["f1"] = f1_score(answer_text(text), example.answers)
+        said = answer_text(text)
+        row["em"] = exact_match(said, example.answers)
+        row["f1"] = f1_score(said, example.answers)
     return row
 
 
