@@ -31,6 +31,7 @@ import random
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
@@ -207,7 +208,7 @@ class ExampleBuilder:
 
         same = [(q.article, p) for p in range(len(self.squad.contexts[q.article])) if p != q.paragraph]
         rng.shuffle(same)
-        picks = [ap for ap in same if usable(*ap)][:count]
+        picks = list(islice((ap for ap in same if usable(*ap)), count))  # checks no more than needed
         n_articles = len(self.squad.contexts)
         for _ in range(OTHER_ARTICLE_TRIES * (count - len(picks))):
             if len(picks) >= count or n_articles < 2:
