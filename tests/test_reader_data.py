@@ -31,6 +31,7 @@ from rag.reader_data import (
     write_reader_data,
 )
 from rag.squad import contains_answer, mentions_answer
+from tests.test_answer import train_tokenizer
 
 LORDS = ["Percy", "Edmund", "Oswald", "Curio", "Lucio", "Belarius", "Cornwall", "Gonzalo"]
 FILLER = "the walls were of grey stone and the gate looked to the sea while the guards kept the town"
@@ -82,11 +83,6 @@ def write(path: Path, obj: dict) -> Path:
     else:
         path.write_text(text, encoding="utf-8")
     return path
-
-
-def train_tokenizer(shared_data: Path) -> Tokenizer:
-    text = (shared_data / "lm" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:200_000]
-    return Tokenizer.train([text], vocab_size=600)
 
 
 def save_tiny_model(out: Path, tok: Tokenizer, **config) -> Path:
