@@ -31,6 +31,7 @@ from rag.llm.model import GPT, IGNORE_INDEX, ModelConfig
 from rag.llm.tokenizer import Tokenizer
 from rag.prompt import ABSTAIN
 from rag.retrieve import Retriever, open_retriever
+from tests.app.readers import one_torch_thread
 
 DOCS = {
     "paris.txt": "Paris is the capital of France. The city stands on the river Seine.",
@@ -92,9 +93,7 @@ def train_reader(tokenizer: Tokenizer, retriever: Retriever, max_new_tokens: int
         y[i, len(p) - 1 : len(seq) - 1] = seq[len(p) :]
     model = reader.model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model gains nothing from threads on a shared 2-core machine
-    try:
+    with one_torch_thread():  # a tiny model gains nothing from threads on a shared 2-core machine
         for _ in range(150):
             loss = model(x, y).loss
             opt.zero_grad()
@@ -102,8 +101,6 @@ def train_reader(tokenizer: Tokenizer, retriever: Retriever, max_new_tokens: int
             opt.step()
             if loss.item() < 0.01:
                 break
-    finally:
-        torch.set_num_threads(threads)
     assert loss.item() < 0.02
     model.eval()
     return reader
