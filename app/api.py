@@ -57,10 +57,13 @@ MAX_STOPS = 4  # as OpenAI
 log = logging.getLogger("rag.api")
 
 
+Mode = Literal[MODES]  # type: ignore[valid-type]  # the retriever's own list
+
+
 class SearchRequest(BaseModel):
     query: str = Field(..., min_length=1, max_length=MAX_QUERY_CHARS)
     k: int = Field(5, ge=1, le=100)
-    mode: Literal[MODES] = "hybrid"  # type: ignore[valid-type]  # the retriever's own list
+    mode: Mode = "hybrid"
     mmr_lambda: float | None = Field(None, ge=0.0, le=1.0)
 
 
@@ -72,7 +75,6 @@ class SearchResponse(BaseModel):
 
 # Options /v1/ask and /v1/chat/completions share, with the same limits.
 AnswerK = Annotated[int, Field(ge=1, le=MAX_ASK_K, description="Passages retrieved and shown to the model.")]
-Mode = Literal[MODES]  # type: ignore[valid-type]  # the retriever's own list
 NewTokens = Annotated[
     int | None,
     Field(ge=1, le=MAX_NEW_TOKENS, description="Longest answer; default: the reader's (96 tokens)."),
