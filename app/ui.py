@@ -93,6 +93,12 @@ def sse_events(lines: Iterable[str]) -> Iterator[dict]:
             yield json.loads(data)
 
 
+def failed(message: str) -> dict:
+    """Show an error and return it as the chat turn to keep."""
+    st.error(message)
+    return {"error": message}
+
+
 def stream_answer(question: str, k: int, mode: str) -> dict:
     """Ask the API for a streamed answer and write it into the page as it comes.
 
@@ -113,8 +119,7 @@ def stream_answer(question: str, k: int, mode: str) -> dict:
         with httpx.stream("POST", f"{API_URL}/v1/ask", json=body, timeout=TIMEOUT) as resp:
             if resp.status_code >= 400:
                 resp.read()
-                turn = {"error": error_message(resp)}
-                st.error(turn["error"])
+                turn = failed(error_message(resp))
                 if resp.status_code == 503 and (hits := search(question, k, mode)) is not None:
                     st.caption("No answer possible: the passages that match your question are below.")
                     turn["hits"] = hits
@@ -122,12 +127,9 @@ def stream_answer(question: str, k: int, mode: str) -> dict:
                 return turn
             st.write_stream(map(plain, pieces(resp.iter_lines())))
     except httpx.HTTPError as exc:
-        st.error(f"Cannot reach the API at {API_URL}: {exc}")
-        return {"error": f"Cannot reach the API at {API_URL}: {exc}"}
+        return failed(f"Cannot reach the API at {API_URL}: {exc}")
     if final.get("type") != "answer":
-        turn = {"error": f"The answer stopped: {final.get('detail', 'the stream ended early')}"}
-        st.error(turn["error"])
-        return turn
+        return failed(f"The answer stopped: {final.get('detail', 'the stream ended early')}")
     show_sources(final)
     return {"answer": final}
 
