@@ -297,8 +297,7 @@ def load_reader(
     """
     from rag.answer import Reader  # imports torch: only where a checkpoint is used
 
-    kw = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
-    reader = Reader.load(model_dir, device, **kw)
+    reader = Reader.load(model_dir, device, max_new_tokens=max_new_tokens)  # None: the reader's default
     return reader, reader.block_size - reader.max_new_tokens
 
 
