@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from starlette.background import BackgroundTask
 
-from rag.answer import Answer, Reader, ReaderUnavailable, ask_stream, drain
+from rag.answer import DEFAULT_MAX_NEW_TOKENS, Answer, Reader, ReaderUnavailable, ask_stream, drain
 from rag.config import Settings, get_settings
 from rag.embed import get_embedder
 from rag.ingest.job import ingest
@@ -77,7 +77,11 @@ class SearchResponse(BaseModel):
 AnswerK = Annotated[int, Field(ge=1, le=MAX_ASK_K, description="Passages retrieved and shown to the model.")]
 NewTokens = Annotated[
     int | None,
-    Field(ge=1, le=MAX_NEW_TOKENS, description="Longest answer; default: the reader's (96 tokens)."),
+    Field(
+        ge=1,
+        le=MAX_NEW_TOKENS,
+        description=f"Longest answer; default: the reader's ({DEFAULT_MAX_NEW_TOKENS} tokens).",
+    ),
 ]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 = greedy (deterministic).")]
 
