@@ -225,8 +225,13 @@ def ask_cmd(
     k: Annotated[int, typer.Option("-k", "--k", "--top-k", min=1, help="Chunks to retrieve as sources.")] = 5,
     mode: Annotated[str, typer.Option("--mode", help="hybrid (default), dense or bm25.")] = "hybrid",
     max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", min=1, help="Longest answer, in tokens.")
-    ] = DEFAULT_MAX_NEW_TOKENS,
+        int | None,
+        typer.Option(
+            "--max-new-tokens",
+            min=1,
+            help=f"Longest answer in tokens (default {DEFAULT_MAX_NEW_TOKENS}, or half a small context).",
+        ),
+    ] = None,
     model: Annotated[
         Path | None,
         typer.Option("--model", help="Reader checkpoint folder (default: RAG_MODEL_DIR or ./models/reader)."),

@@ -335,12 +335,11 @@ def _run(
     slots = T + max(budgets) - 1  # every token fed, padding included
     resources = ExitStack()  # a CompiledDecoder's cache goes back to its pool when generation ends
     try:
-        eager = forward_last(model)
+        eager = forward_last(model)  # prefill is always eager: prompt lengths vary
         if decoder is None:
-            cache = _new_cache(model, B, slots)
+            cache, decode = _new_cache(model, B, slots), eager
         else:
-            cache = resources.enter_context(decoder.cache(B, slots))
-        decode = decoder.step if decoder is not None else eager
+            cache, decode = resources.enter_context(decoder.cache(B, slots)), decoder.step
         next_ids = _step(eager, idx.to(device), cache, pad_mask, config, gen, vocab)
         active = None  # (B, 1) bool once a row is done: finished rows are fed as padding
         while True:
