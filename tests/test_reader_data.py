@@ -329,13 +329,18 @@ def test_cli_writes_rows_that_sft_reads(squad_file: Path, tok: Tokenizer, tmp_pa
     rows = read_jsonl(out, SFT_KEYS)
     assert len(rows) == 20 and all(len(prompt_tokens(tok, r)) <= 300 for r in rows)
     built, _ = build(squad_file, tok, limit=20, max_tokens=300)
-    assert rows == [ex.to_row() for ex in built]
+    assert listed(rows) == [ex.to_row() for ex in built]
 
     bad = reader_data("--squad", tmp_path / "nope.json", *args[2:], "--tokenizer", tmp_path)
     assert bad.exit_code == 1 and "SQuAD file not found" in bad.output and "Traceback" not in bad.output
     with pytest.raises(ValueError, match="no rows built"):
         write_reader_data(squad_file, tok, tmp_path / "none.jsonl", max_tokens=20)
     assert not (tmp_path / "none.jsonl").exists()
+
+
+def listed(rows: list[dict]) -> list[dict]:
+    """read_jsonl rows with their prompt_ids (int32 arrays) as lists, to compare with written rows."""
+    return [{**r, "prompt_ids": r["prompt_ids"].tolist()} for r in rows]
 
 
 def test_cli_sizes_prompts_for_a_model(squad_file: Path, tok: Tokenizer, tmp_path: Path) -> None:
@@ -346,7 +351,7 @@ def test_cli_sizes_prompts_for_a_model(squad_file: Path, tok: Tokenizer, tmp_pat
     result = reader_data(*args, "--model", model, "--max-new-tokens", "56")
     assert result.exit_code == 0, result.output
     assert "prompts of at most 200 tokens" in result.output
-    assert read_jsonl(out, SFT_KEYS) == [
+    assert listed(read_jsonl(out, SFT_KEYS)) == [
         ex.to_row() for ex in build(squad_file, tok, limit=20, max_tokens=200)[0]
     ]
     result = reader_data(*args, "--model", model)  # the reader's own answer room: 96

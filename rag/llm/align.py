@@ -39,29 +39,36 @@ def read_jsonl(path, keys: tuple[str, ...]) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"JSONL file not found: {path}")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object")
-        bad = [k for k in keys if not isinstance(row.get(k), str)]
-        ids = row.get("prompt_ids")
-        if not isinstance(row.get("prompt"), str) and not (
-            isinstance(ids, list) and ids and all(isinstance(i, int) for i in ids)
-        ):
-            bad.insert(0, "prompt")
-        if bad:
-            raise ValueError(
-                f"{path}:{n}: needs a prompt (or prompt_ids) and {list(keys)}; bad or missing: {bad}"
-            )
-        rows.append(row)
+    with path.open(encoding="utf-8") as lines:  # line by line: reader data runs to hundreds of MB
+        for n, line in enumerate(lines, 1):
+            if line.strip():
+                rows.append(_parse_row(path, n, line, keys))
     if not rows:
         raise ValueError(f"{path}: no examples")
     return rows
+
+
+def _parse_row(path: Path, n: int, line: str, keys: tuple[str, ...]) -> dict:
+    """One JSONL row, checked; prompt_ids become an int32 array (a Python int list costs ~9x more)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+    if not isinstance(row, dict):
+        raise ValueError(f"{path}:{n}: expected a JSON object")
+    bad = [k for k in keys if not isinstance(row.get(k), str)]
+    ids = row.get("prompt_ids")
+    if not isinstance(row.get("prompt"), str) and not (
+        isinstance(ids, list) and ids and all(isinstance(i, int) and abs(i) < 2**31 for i in ids)
+    ):
+        bad.insert(0, "prompt")
+    if bad:
+        raise ValueError(
+            f"{path}:{n}: needs a prompt (or prompt_ids) and {list(keys)}; bad or missing: {bad}"
+        )
+    if isinstance(ids, list):
+        row["prompt_ids"] = np.asarray(ids, dtype=np.int32)
+    return row
 
 
 def prompt_tokens(tokenizer: Tokenizer, row: dict) -> list[int]:
@@ -70,7 +77,7 @@ def prompt_tokens(tokenizer: Tokenizer, row: dict) -> list[int]:
     if ids is not None:
         if min(ids) < 0 or max(ids) >= tokenizer.vocab_size:
             raise ValueError(f"prompt_ids must be in [0, {tokenizer.vocab_size})")
-        return list(ids)
+        return [int(i) for i in ids]
     return tokenizer.encode(row["prompt"], add_bos=True, allow_special=True)
 
 
@@ -143,14 +150,22 @@ def _fit(items: list, length: Callable[[Any], int], max_len: int, what: str) -> 
     return kept
 
 
+def _ids(tokens: list[int]) -> np.ndarray:
+    return np.asarray(tokens, dtype=np.int32)
+
+
 class SFTTask:
     """Supervised fine-tuning: cross-entropy on answer tokens only."""
 
     def __init__(self, rows: dict[str, list[dict]], tokenizer: Tokenizer, max_len: int):
         self.tokenizer = tokenizer
+        # int32 arrays: tens of thousands of reader prompts as Python int lists take gigabytes
         self.data = {
             split: _fit(
-                [(prompt_tokens(tokenizer, r), response_tokens(tokenizer, r["answer"])) for r in split_rows],
+                [
+                    (_ids(prompt_tokens(tokenizer, r)), _ids(response_tokens(tokenizer, r["answer"])))
+                    for r in split_rows
+                ],
                 lambda pr: len(pr[0]) + len(pr[1]),
                 max_len,
                 split,
@@ -162,7 +177,8 @@ class SFTTask:
         return len(self.data[split])
 
     def batch(self, split: str, indices: np.ndarray, device: torch.device):
-        x, y = collate([self.data[split][i] for i in indices], self.tokenizer.pad_id)
+        pairs = [(p.tolist(), r.tolist()) for p, r in (self.data[split][i] for i in indices)]
+        x, y = collate(pairs, self.tokenizer.pad_id)
         return x.to(device), y.to(device)
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from rag.llm import checkpoint as ckpt
 from rag.llm.align import (
     IGNORE,
+    SFT_KEYS,
     DPOTask,
     SFTTask,
     collate,
@@ -201,3 +202,21 @@ def test_dpo_cli_and_bad_jsonl(tmp_path, start):
         app, ["dpo", "--data", str(data), "--init", str(start), "--out", str(tmp_path / "x")]
     )
     assert bad.exit_code == 1 and "pairs.jsonl:2" in bad.output
+
+
+def test_sft_rows_are_stored_as_int32_arrays(tmp_path, tokenizer):  # noqa: F811
+    """Reader data runs to tens of thousands of prompts: int32 arrays, not Python int lists."""
+    ids = [tokenizer.bos_id, tokenizer.token_id("<question>"), *tokenizer.encode(" Who?")]
+    ids.append(tokenizer.token_id("<answer>"))
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"prompt_ids": ids, "answer": " The king."}) + "\n" for _ in range(3)))
+    rows = read_jsonl(path, SFT_KEYS)
+    assert rows[0]["prompt_ids"].dtype == np.int32 and rows[0]["prompt_ids"].tolist() == ids
+    task = SFTTask({"train": rows}, tokenizer, max_len=64)
+    prompt, answer = task.data["train"][0]
+    assert prompt.dtype == answer.dtype == np.int32
+    x, y = task.batch("train", np.array([0, 1]), torch.device("cpu"))
+    assert x[0, : len(ids)].tolist() == ids and y[0][y[0] != IGNORE].tolist() == answer.tolist()
+    path.write_text(json.dumps({"prompt_ids": [2**40], "answer": "x"}) + "\n")
+    with pytest.raises(ValueError, match="bad or missing: \\['prompt'\\]"):
+        read_jsonl(path, SFT_KEYS)
