@@ -31,8 +31,17 @@ class Settings(BaseSettings):
     )
     embedding_batch_size: int = Field(16, ge=1, description="Texts per embedder forward pass.")
     device: str = Field("cpu", description="Torch device for the embedder.")
-    chunk_tokens: int = Field(200, ge=16, description="Target chunk size in embedding-model tokens.")
-    chunk_overlap: int = Field(40, ge=0, description="Overlap between neighbouring chunks, in tokens.")
+    chunk_chars: int = Field(
+        1000,
+        ge=0,
+        description="Chunk size in characters (the same amount of text in any script); "
+        "0 = size in tokens only (chunk_tokens, chunk_overlap).",
+    )
+    chunk_overlap_chars: int = Field(200, ge=0, description="Overlap of neighbouring chunks, in characters.")
+    chunk_tokens: int = Field(
+        1024, ge=16, description="Most embedding-model tokens in a chunk (the size when chunk_chars is 0)."
+    )
+    chunk_overlap: int = Field(40, ge=0, description="Overlap in tokens, when chunk_chars is 0.")
     max_file_mb: float = Field(50.0, gt=0, description="Files larger than this are skipped.")
     data_dir: Path = Field(Path("../shared/data"), description="Public data for training and evaluation.")
     api_key: str | None = Field(
@@ -52,6 +61,11 @@ class Settings(BaseSettings):
         if self.chunk_overlap >= self.chunk_tokens:
             raise ValueError(
                 f"chunk_overlap ({self.chunk_overlap}) must be below chunk_tokens ({self.chunk_tokens})"
+            )
+        if self.chunk_chars and self.chunk_overlap_chars >= self.chunk_chars:
+            raise ValueError(
+                f"chunk_overlap_chars ({self.chunk_overlap_chars}) must be below "
+                f"chunk_chars ({self.chunk_chars})"
             )
         return self
 

@@ -1,4 +1,10 @@
-"""Split pages into overlapping chunks measured in the embedding model's own tokens.
+"""Split pages into overlapping chunks measured in characters and in the embedding model's tokens.
+
+Tokens alone make chunk size depend on the script: the bundled English WordPiece vocabulary
+spends one token on ~4.5 characters of English but on ~1.2 of Russian or Czech, so a 200-token
+chunk held 900 characters of one and 220 of the other. With `chunk_chars` set, a chunk ends at
+that many characters (the same amount of text in any script) or at `chunk_tokens` tokens,
+whichever comes first, and neighbours overlap by about `overlap_chars` characters.
 
 Each page is tokenized once (with character offsets); cut points are then chosen from
 precomputed boundary tables in O(1) per chunk, so a 1,000-page PDF costs one tokenizer pass
@@ -14,6 +20,7 @@ import re
 import numpy as np
 from tokenizers import Tokenizer
 
+from rag.config import Settings
 from rag.types import Chunk, Document, Page
 
 
@@ -65,20 +72,50 @@ def _tokenizable(text: str) -> str:
 
 
 class Chunker:
-    """Token-aware chunker: no chunk exceeds `chunk_tokens`; neighbours share about `overlap` tokens."""
+    """No chunk exceeds `chunk_tokens` tokens, nor `chunk_chars` characters unless one token is
+    longer. Neighbours share about `overlap` tokens, or `overlap_chars` characters when sizes are
+    in characters (`chunk_chars` set)."""
 
-    def __init__(self, tokenizer, chunk_tokens: int = 200, overlap: int = 40):
+    def __init__(
+        self,
+        tokenizer,
+        chunk_tokens: int = 200,
+        overlap: int = 40,
+        *,
+        chunk_chars: int | None = None,
+        overlap_chars: int = 0,
+    ):
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
         if not 0 <= overlap < chunk_tokens:
             raise ValueError(
                 f"overlap must be in [0, chunk_tokens), got {overlap} with chunk_tokens={chunk_tokens}"
             )
+        if chunk_chars is not None and not 0 <= overlap_chars < chunk_chars:
+            raise ValueError(
+                f"overlap_chars must be in [0, chunk_chars), got {overlap_chars} "
+                f"with chunk_chars={chunk_chars}"
+            )
         self.tokenizer = _backend(tokenizer)
         self.chunk_tokens = chunk_tokens
         self.overlap = overlap
+        self.chunk_chars = chunk_chars
+        self.overlap_chars = overlap_chars
         # A boundary cut is taken only if the chunk keeps at least this many tokens; otherwise cut hard.
         self.min_tokens = min(chunk_tokens, max(chunk_tokens // 2, overlap + 1))
+
+    @classmethod
+    def from_settings(cls, tokenizer, settings: Settings) -> Chunker:
+        """The chunker `rag ingest` uses: sizes from RAG_CHUNK_* (chunk_chars 0 = tokens only)."""
+        if not settings.chunk_chars:
+            return cls(tokenizer, settings.chunk_tokens, settings.chunk_overlap)
+        return cls(
+            tokenizer,
+            settings.chunk_tokens,
+            min(settings.chunk_overlap, settings.chunk_tokens - 1),
+            chunk_chars=settings.chunk_chars,
+            overlap_chars=settings.chunk_overlap_chars,
+        )
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` without special tokens: the unit of `chunk_tokens`."""
@@ -119,10 +156,18 @@ class Chunker:
         )
         return levels
 
+    def _char_limits(self, offs: np.ndarray) -> np.ndarray | None:
+        """fit[i]: end (exclusive) of the longest token run from i within `chunk_chars` characters."""
+        if self.chunk_chars is None:
+            return None
+        fit = np.searchsorted(offs[:, 1], offs[:, 0] + self.chunk_chars, side="right")
+        return np.maximum(fit, np.arange(1, len(offs) + 1))  # one token longer than the limit: alone
+
     def _spans(self, text: str, offs: np.ndarray, levels: np.ndarray, verify: bool) -> list[tuple[int, int]]:
         """Token ranges [i, j) of the chunks, chosen greedily left to right."""
         n = len(offs)
         idx = np.arange(n)
+        char_fit = self._char_limits(offs)
         # last_at[L][k]: largest b <= k whose boundary level is >= L (or -1).
         last_at = [np.maximum.accumulate(np.where(levels >= lv, idx, -1)) for lv in range(PARAGRAPH + 1)]
         # next_word[k]: smallest b >= k that starts a word (or n).
@@ -131,7 +176,13 @@ class Chunker:
         i = j = 0
         while i < n:
             prev_end, hi = j, min(i + self.chunk_tokens, n)
-            lo = max(i + self.min_tokens, prev_end + 1)  # each chunk must end later than the previous one
+            if char_fit is None:
+                lo = i + self.min_tokens
+            else:  # sized in characters: a boundary cut must keep at least half the characters
+                hi = min(hi, int(char_fit[i]))
+                half = int(np.searchsorted(offs[i:hi, 1], offs[i, 0] + self.chunk_chars // 2))
+                lo = i + max(1, min(half, (hi - i) // 2))
+            lo = max(lo, prev_end + 1)  # each chunk must end later than the previous one
             j = hi
             if hi < n:
                 for lv in (PARAGRAPH, SENTENCE, LINE, SPACE, WORD):
@@ -144,7 +195,7 @@ class Chunker:
             spans.append((i, j))
             if j >= n:
                 break
-            i = self._next_start(i, j, last_at, next_word)
+            i = self._next_start(i, j, last_at, next_word, offs)
         return spans
 
     def _fit(self, text: str, offs: np.ndarray, i: int, j: int, floor: int) -> tuple[int, int]:
@@ -157,15 +208,22 @@ class Chunker:
                 i += 1
         return i, j
 
-    def _next_start(self, i: int, j: int, last_at: list[np.ndarray], next_word: np.ndarray) -> int:
-        """Start the next chunk about `overlap` tokens before `j`, at a sentence or word start.
+    def _next_start(
+        self, i: int, j: int, last_at: list[np.ndarray], next_word: np.ndarray, offs: np.ndarray
+    ) -> int:
+        """Start the next chunk about `overlap` tokens (or `overlap_chars` characters) before `j`,
+        at a sentence or word start.
 
         Starting mid-word would make the chunk's text tokenize differently from the page.
         """
-        if self.overlap == 0:
+        if self.chunk_chars is None:
+            back = self.overlap
+        else:  # tokens that start within overlap_chars of the chunk's end
+            back = j - int(np.searchsorted(offs[:j, 0], offs[j - 1, 1] - self.overlap_chars))
+        if back == 0:
             return j
-        target = max(j - self.overlap, i + 1)  # a chunk shrunk by the re-tokenization check may be short
-        slack = max(1, self.overlap // 4)
+        target = max(j - back, i + 1)  # a chunk shrunk by the re-tokenization check may be short
+        slack = max(1, back // 4)
         for lv in (SENTENCE, WORD):
             b = int(last_at[lv][target])
             if b >= target - slack and b > i:

@@ -290,7 +290,7 @@ def ingest(
     )
     roots = [Path(p).expanduser().resolve() for p in paths]
     files, missing = find_files(roots)
-    chunker = Chunker(embedder.tokenizer, settings.chunk_tokens, settings.chunk_overlap)
+    chunker = Chunker.from_settings(embedder.tokenizer, settings)
     with ingest_lock(settings.index_dir), Store(settings.index_dir, embedder.name, embedder.dim) as store:
         job = _Job(
             store, embedder, chunker, settings, len(files), on_progress, batch_chunks, snapshot_every_s
