@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -37,6 +38,9 @@ from rag.types import Chunk, Document
 # `kill -9` lands mid-ingest deterministically. Every code path stays the real one.
 SLOWDOWN_ENV = "RAG_INGEST_SLOWDOWN_S"
 LOCK_NAME = "ingest.lock"
+# Chunks per embedding call: progress moves at least this often inside a large file (a 121 KB file
+# once showed "0 chunks" for 54 s); 4 model batches of 16, so calls stay as efficient.
+PROGRESS_CHUNKS = 64
 
 
 @dataclass
@@ -63,13 +67,66 @@ class IngestReport:
 class ProgressEvent:
     files_done: int
     files_total: int
-    chunks_done: int
+    chunks_done: int  # chunks embedded so far in this run
     current_path: str
+    # within current_path, so a large file shows progress before it is done
+    file_chunks_done: int = 0
+    file_chunks_total: int = 0
+    stage: str = ""  # what runs before the first file, e.g. "loading embedding model"
+
+
+def display_path(path: Path | str) -> str:
+    """`path` as text that SQLite, JSON and a terminal accept: bytes of a file name that are not
+    UTF-8 (Python keeps them as lone surrogates) are written as `\\xNN`, so two such names stay apart."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            raw = text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a lone surrogate that no file name byte makes (e.g. from JSON)
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+        return raw.decode("utf-8", "backslashreplace")
+
+
+def _refusal(path: Path) -> str | None:
+    """Why the entry `path` is not taken at all (an odd name, a link that leads nowhere), or None.
+
+    Such entries are reported but never reach the store: a name that is not UTF-8 cannot be stored
+    as text, and a looping link has no file to record.
+    """
+    if display_path(path) != str(path):
+        return "file name is not valid UTF-8: rename it"
+    if not path.is_symlink():
+        return None
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python 3.11/3.12 say "Symlink loop" this way
+        return "symlink loop"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop"
+        if isinstance(exc, FileNotFoundError):
+            return "broken symlink (its target does not exist)"
+        return f"cannot follow symlink: {exc.strerror or exc}"
+    return None
+
+
+def safe_resolve(path: Path) -> Path:
+    """`path` absolute with links resolved, or only absolute when it cannot be (a symlink loop):
+    find_files then reports why instead of the run failing."""
+    try:
+        return path.expanduser().resolve()
+    except (OSError, RuntimeError):
+        return path.expanduser().absolute()
 
 
 def find_files(paths: Iterable[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Files under `paths` (folders walked recursively, hidden entries skipped; files given
-    directly are taken as they are), sorted and unique; plus (path, reason) for refused ones.
+    """Files under `paths` (folders walked recursively, hidden entries skipped; anything else given
+    directly is taken as it is, so a FIFO is reported as "not a regular file"), sorted and unique;
+    plus (path, reason) for refused entries. One odd entry (a symlink loop, a name that is not
+    UTF-8, an unreadable folder) is refused on its own; it never stops the walk.
 
     A symlink inside a folder whose target lies outside that folder is refused: the API confines
     ingestion to configured roots, and a link must not carry other files past that check.
@@ -77,23 +134,35 @@ def find_files(paths: Iterable[Path]) -> tuple[list[Path], list[tuple[str, str]]
     found: set[Path] = set()
     refused: list[tuple[str, str]] = []
     for root in paths:
-        if root.is_file():
-            found.add(root)
+        if reason := _refusal(root):
+            refused.append((display_path(root), reason))
         elif root.is_dir():
-            real_root = root.resolve()
-            for dirpath, dirnames, filenames in os.walk(root):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                for name in filenames:
-                    path = Path(dirpath, name)
-                    if name.startswith("."):
-                        continue
-                    if path.is_symlink() and not path.resolve().is_relative_to(real_root):
-                        refused.append((str(path), f"symlink to a file outside {root}"))
-                    else:
-                        found.add(path)
+            _walk(root, found, refused)
+        elif os.path.lexists(root):
+            found.add(root)  # a file, or a FIFO or device that the job refuses by its own check
         else:
-            refused.append((str(root), "no such file or directory"))
+            refused.append((display_path(root), "no such file or directory"))
     return sorted(found), refused
+
+
+def _walk(root: Path, found: set[Path], refused: list[tuple[str, str]]) -> None:
+    real_root = safe_resolve(root)
+
+    def unreadable(exc: OSError) -> None:
+        refused.append((display_path(exc.filename or root), f"cannot read folder: {exc.strerror or exc}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            path = Path(dirpath, name)
+            if reason := _refusal(path):
+                refused.append((display_path(path), reason))
+            elif path.is_symlink() and not path.resolve().is_relative_to(real_root):
+                refused.append((str(path), f"symlink to a file outside {root}"))
+            else:
+                found.add(path)
 
 
 def file_sha256(path: Path) -> str:
@@ -154,11 +223,24 @@ class _Job:
         self.report = IngestReport()
         self.pending: list[_Pending] = []
         self.files_done = 0
+        self.embedded = 0  # chunks embedded, committed or about to be
+
+    def _emit(self, path: str, file_done: int = 0, file_total: int = 0) -> None:
+        if self.on_progress is not None:
+            event = ProgressEvent(self.files_done, self.n_files, self.embedded, path, file_done, file_total)
+            self.on_progress(event)
 
     def _done(self, path: str) -> None:
         self.files_done += 1
-        if self.on_progress is not None:
-            self.on_progress(ProgressEvent(self.files_done, self.n_files, self.report.chunks, path))
+        self._emit(path)
+
+    def _embedding(self, items: Sequence[_Pending], position: int) -> None:
+        """Progress at `position` in the chunks of `items`, one after the other."""
+        for item in items:
+            if position <= len(item.chunks):
+                break
+            position -= len(item.chunks)
+        self._emit(item.path, position, len(item.chunks))
 
     def _skip(self, path: str, reason: str, meta: FileMeta = FileMeta()) -> None:
         self.store.skip_document(path, reason, meta)
@@ -193,7 +275,7 @@ class _Job:
         item = _Pending(key, doc.title, meta, chunks)
         if len(chunks) >= self.batch_chunks:  # a big file goes alone, streamed in batches
             self.flush()
-            self._commit(item, self._batches(chunks))
+            self._commit(item, self._batches(item))
             self.maybe_snapshot()
         else:
             self.pending.append(item)
@@ -209,16 +291,24 @@ class _Job:
             raise SkipFile("no text to index")
         return chunks
 
-    def _encode(self, chunks: Sequence[Chunk]) -> np.ndarray:
-        try:
-            return self.embedder.encode([c.text for c in chunks])
-        except Exception as exc:  # e.g. a tokenizer bug on odd text: lose the file, not the run
-            raise _EmbedError(f"cannot embed: {type(exc).__name__}: {exc}") from exc
+    def _encode(self, chunks: Sequence[Chunk], items: Sequence[_Pending], offset: int = 0) -> np.ndarray:
+        """Vectors of `chunks`, which are those of `items` from `offset` on, PROGRESS_CHUNKS per
+        model call with a progress event after each."""
+        parts = []
+        for i in range(0, len(chunks), PROGRESS_CHUNKS):
+            part = chunks[i : i + PROGRESS_CHUNKS]
+            try:
+                parts.append(self.embedder.encode([c.text for c in part]))
+            except Exception as exc:  # e.g. a tokenizer bug on odd text: lose the file, not the run
+                raise _EmbedError(f"cannot embed: {type(exc).__name__}: {exc}") from exc
+            self.embedded += len(part)
+            self._embedding(items, offset + i + len(part))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _batches(self, chunks: list[Chunk]) -> Iterator[tuple[list[Chunk], np.ndarray]]:
-        for i in range(0, len(chunks), self.batch_chunks):
-            part = chunks[i : i + self.batch_chunks]
-            yield part, self._encode(part)
+    def _batches(self, item: _Pending) -> Iterator[tuple[list[Chunk], np.ndarray]]:
+        for i in range(0, len(item.chunks), self.batch_chunks):
+            part = item.chunks[i : i + self.batch_chunks]
+            yield part, self._encode(part, [item], i)
 
     def _commit(self, item: _Pending, batches: Iterable[tuple[Sequence[Chunk], np.ndarray]]) -> None:
         try:
@@ -231,15 +321,17 @@ class _Job:
         self._done(item.path)
 
     def flush(self) -> None:
-        """Embed all queued chunks in one call, then commit each file in its own transaction."""
+        """Embed all queued chunks together, then commit each file in its own transaction."""
         pending, self.pending = self.pending, []
         if not pending:
             return
+        embedded = self.embedded
         try:
-            vecs = self._encode([c for p in pending for c in p.chunks])
+            vecs = self._encode([c for p in pending for c in p.chunks], pending)
         except _EmbedError:  # find the culprit: embed file by file
+            self.embedded = embedded
             for item in pending:
-                self._commit(item, self._batches(item.chunks))
+                self._commit(item, self._batches(item))
         else:
             start = 0
             for item in pending:
@@ -285,10 +377,13 @@ def ingest(
     settings = settings or get_settings()
     if batch_chunks < 1:
         raise ValueError(f"batch_chunks must be >= 1, got {batch_chunks}")
-    embedder = embedder or get_embedder(
-        settings.embedding_model, settings.device, settings.embedding_batch_size
-    )
-    roots = [Path(p).expanduser().resolve() for p in paths]
+    if embedder is None:
+        if on_progress is not None:  # seconds on a first run: say so rather than show a still bar
+            on_progress(ProgressEvent(0, 0, 0, "", stage="loading embedding model"))
+        embedder = get_embedder(settings.embedding_model, settings.device, settings.embedding_batch_size)
+    if on_progress is not None:
+        on_progress(ProgressEvent(0, 0, 0, "", stage="finding files"))
+    roots = [safe_resolve(Path(p)) for p in paths]
     files, missing = find_files(roots)
     chunker = Chunker.from_settings(embedder.tokenizer, settings)
     with ingest_lock(settings.index_dir), Store(settings.index_dir, embedder.name, embedder.dim) as store:

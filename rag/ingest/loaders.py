@@ -216,7 +216,14 @@ def _fix_surrogates(text: str) -> str:
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-_JUNK_PDF_TITLE = re.compile(r"|untitled.*|document\d*|microsoft word - .*", re.IGNORECASE)  # tool defaults
+# Placeholders that tools write as a PDF's title: a file name (a PDF printed from a browser is
+# titled "000.html"), a bare number, "Untitled", "Microsoft Word - x.docx" and the like.
+_JUNK_PDF_TITLE = re.compile(
+    r"[\W\d_]*|untitled.*|document\s*\d*|no title|title|unknown|none|null|slide \d+"
+    r"|(?:microsoft )?(?:word|powerpoint|excel)(?: presentation)? - .*|powerpoint presentation"
+    r"|.*\.(?:s?html?|php|aspx?|pdf|docx?|odt|rtf|txt|md|tex|dvi|e?ps|pptx?|xlsx?|indd|qxd|pub)",
+    re.IGNORECASE,
+)
 
 
 def _load_pdf(data: bytes, path: Path) -> tuple[str, list[str]]:

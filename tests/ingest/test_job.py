@@ -288,3 +288,59 @@ def test_symlink_out_of_the_folder_is_refused(tmp_path, embedder):
     ingest([folder], settings_for(tmp_path / "index"), embedder=embedder)
     with Store(tmp_path / "index", readonly=True) as store:
         assert store.bm25_search("swordfish", 5) == []
+
+
+def test_odd_entries_are_skipped_one_by_one_and_the_rest_is_ingested(tmp_path, embedder):
+    """A symlink loop, a name that is not UTF-8, a broken link and an unreadable folder in a folder,
+    and a FIFO and a loop given directly: each is reported with its reason, the good files go in."""
+    folder = tmp_path / "docs"
+    write_corpus(folder, 2)
+    (folder / "a").symlink_to(folder / "b")
+    (folder / "b").symlink_to(folder / "a")
+    latin1 = os.fsdecode(bytes(folder) + b"/caf\xe9.txt")  # not UTF-8: a surrogate in Python's str
+    Path(latin1).write_text("A file named in Latin-1.")
+    (folder / "gone.txt").symlink_to(folder / "never-there.txt")
+    locked = folder / "locked"
+    locked.mkdir()
+    (locked / "inside.txt").write_text("unreachable")
+    os.mkfifo(tmp_path / "pipe.txt")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    locked.chmod(0)
+    try:
+        report = ingest(
+            [folder, tmp_path / "pipe.txt", tmp_path / "loop"],
+            settings_for(tmp_path / "i"),
+            embedder=embedder,
+        )
+    finally:
+        locked.chmod(0o755)
+    reasons = dict(report.skipped)
+    as_root = os.geteuid() == 0  # root reads any folder
+    assert report.ingested == 2 + as_root, report.skipped
+    assert reasons[str(folder / "a")] == reasons[str(folder / "b")] == "symlink loop"
+    assert reasons[str(tmp_path / "loop")] == "symlink loop"
+    assert reasons[str(folder) + "/caf\\xe9.txt"] == "file name is not valid UTF-8: rename it"
+    assert reasons[str(folder / "gone.txt")].startswith("broken symlink")
+    assert reasons[str(tmp_path / "pipe.txt")] == "not a regular file"
+    if not as_root:
+        assert reasons[str(locked)] == "cannot read folder: Permission denied"
+    with Store(tmp_path / "i", readonly=True) as store:
+        assert store.stats()["by_status"]["indexed"] == 2 + as_root
+
+
+def test_progress_moves_inside_a_large_file(tmp_path, embedder):
+    """Events while a large file is embedded count its chunks, before the file is done; the model
+    load is announced when the job loads the model itself."""
+    from rag.ingest.job import PROGRESS_CHUNKS
+
+    (tmp_path / "big.txt").write_text(" ".join(f"word{i}" for i in range(2000)))
+    settings = settings_for(tmp_path / "index", chunk_chars=0, chunk_tokens=32, chunk_overlap=0)
+    events: list[ProgressEvent] = []
+    report = ingest([tmp_path / "big.txt"], settings, on_progress=events.append)
+    assert events[0].stage == "loading embedding model"
+    inside = [e for e in events if e.files_done == 0 and e.file_chunks_done]
+    assert len(inside) >= report.chunks // PROGRESS_CHUNKS >= 3
+    assert [e.file_chunks_done for e in inside] == [e.chunks_done for e in inside]  # the only file
+    assert inside[0].file_chunks_done == PROGRESS_CHUNKS and inside[-1].file_chunks_done == report.chunks
+    assert all(e.file_chunks_total == report.chunks for e in inside)
+    assert events[-1].files_done == 1 and events[-1].chunks_done == report.chunks

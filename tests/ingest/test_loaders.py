@@ -208,6 +208,16 @@ def test_pdf_blank_pages_keep_numbering_and_title_falls_back_to_stem(tmp_path):
     assert [(p.number, p.text.strip()) for p in doc.pages] == [(1, "first"), (2, ""), (3, "third")]
 
 
+@pytest.mark.parametrize(
+    "placeholder",
+    ["000.html", "Microsoft Word - thesis.docx", "Untitled-1", "Document1", "42", "My paper.pdf"],
+)
+def test_pdf_placeholder_title_falls_back_to_the_file_name(tmp_path, placeholder):
+    """Tools write file names and defaults as the title (a page printed from a browser: "000.html")."""
+    doc = load(write(tmp_path, "quarterly-report.pdf", make_pdf(["text"], title=placeholder)))
+    assert doc.title == "quarterly-report"
+
+
 def test_encrypted_pdf_with_password_is_skipped(tmp_path):
     path = write(tmp_path, "secret.pdf", encrypt_pdf(make_pdf(["classified"]), user_password="pw"))
     assert "encrypted" in skip_reason(path)
