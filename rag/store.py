@@ -17,15 +17,15 @@ writes, so an unchanged index costs one query to refresh.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
-import re
 import shutil
 import sqlite3
 import threading
 import time
-import unicodedata
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,13 +34,16 @@ import bm25s
 import faiss
 import numpy as np
 
+from rag.analysis import Analyzer
 from rag.types import Chunk, Hit
 
 SCHEMA_VERSION = 1
 DB_NAME = "meta.sqlite"
 FAISS_NAME = "vectors.faiss"
 MANIFEST_NAME = "manifest.json"
-BM25_PREFIX = "bm25-"  # + generation: one directory per snapshot (bm25s writes several files)
+BM25_PREFIX = "bm25-"  # + generation + analyzer tag: one directory per snapshot (bm25s writes several files)
+ANALYZER_FILE = "analyzer.txt"  # in a BM25 snapshot: the Analyzer.name its tokens came from
+LANGUAGES_FILE = "languages.json"  # in a BM25 snapshot: chunks per detected language
 TMP_PREFIX = ".tmp-"  # + pid: leftovers of a killed writer are removed by the next one
 SQL_BATCH = 500  # ids per `IN (...)` query, well under SQLite's variable limit
 BM25_REBUILD_SHARE = 0.1  # refresh() during a long ingest spends at most ~this share of time on BM25
@@ -57,9 +60,6 @@ SCHEMA = [
         vector BLOB NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id)",
 ]
-
-_WORD = re.compile(r"\w+")
-
 
 SQLITE_MAX_INT = 2**63 - 1  # larger ids cannot exist (and make sqlite3 raise OverflowError)
 
@@ -105,12 +105,6 @@ class DocRecord:
         return FileMeta(self.sha256, self.size, self.mtime)
 
 
-def bm25_tokenize(text: str) -> list[str]:
-    """Casefolded Unicode words. NFKC first so that decomposed accents (Czech 'č' as c + ˇ)
-    stay inside their word; no stemming or stopwords, which would only suit English."""
-    return _WORD.findall(unicodedata.normalize("NFKC", text).casefold())
-
-
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -151,9 +145,15 @@ class Store:
         dim: int | None = None,
         readonly: bool = False,
         create: bool = True,
+        analyzer: Analyzer | None = None,
     ):
         self.index_dir = Path(index_dir)
         self.readonly = readonly
+        # BM25 is derived from SQLite's chunk texts, so an index made with another analyzer needs no
+        # re-ingest: its snapshots are ignored, BM25 is rebuilt, and a writer saves the new one.
+        self.analyzer = analyzer or Analyzer()
+        self._analyzer_tag = hashlib.sha1(self.analyzer.name.encode()).hexdigest()[:8]
+        self._chunk_lang: dict[int, str | None] = {}  # chunk id -> language: rebuilds skip detection
         self._lock = threading.RLock()
         db_path = self.index_dir / DB_NAME
         if (readonly or not create) and not db_path.is_file():
@@ -175,12 +175,14 @@ class Store:
         self._bm25_ids: np.ndarray | None = None  # row i of the BM25 matrix is chunk _bm25_ids[i]
         self._bm25_gen = -1
         self._bm25_alive: np.ndarray | None = None  # rows not deleted since, while BM25 lags FAISS
+        self._bm25_langs: dict[str, int] = {}  # chunks per language in BM25: queries choose among them
         self._bm25_cost, self._bm25_built_at = 0.0, -np.inf
         self._load_snapshot()
         if not readonly:
             self._remove_dead_temps()
-            if self._manifest().get("generation") != self.gen:
-                self.save()  # after a crash: persist the repaired state so readers need not repair
+            manifest = self._manifest()
+            if manifest.get("generation") != self.gen or manifest.get("analyzer") != self.analyzer.name:
+                self.save()  # after a crash or an analyzer change: persist the repaired state
 
     # ---- SQLite plumbing -------------------------------------------------------------------
 
@@ -310,9 +312,12 @@ class Store:
             return True
         for snap in self._bm25_snapshots()[:2]:
             try:
-                if np.array_equal(np.load(snap / "chunk_ids.npy"), ids):
+                if (snap / ANALYZER_FILE).read_text() == self.analyzer.name and np.array_equal(
+                    np.load(snap / "chunk_ids.npy"), ids
+                ):
                     self._bm25 = bm25s.BM25.load(snap, show_progress=False) if len(ids) else None
                     self._bm25_ids = ids
+                    self._bm25_langs = json.loads((snap / LANGUAGES_FILE).read_text())
                     return True
             except (OSError, ValueError, KeyError):  # removed by a newer writer while we looked: rebuild
                 continue
@@ -328,9 +333,14 @@ class Store:
         vocab: dict[str, int] = {}
         corpus: list[list[int]] = []
         ids: list[int] = []
+        known, self._chunk_lang = self._chunk_lang, {}
         for cid, text in self._db.execute("SELECT id, text FROM chunks ORDER BY id"):
             ids.append(cid)
-            corpus.append([vocab.setdefault(tok, len(vocab)) for tok in bm25_tokenize(text)])
+            # a chunk id's text never changes, so neither does its language
+            lang = known[cid] if cid in known else self.analyzer.language(text)
+            self._chunk_lang[cid] = lang
+            corpus.append([vocab.setdefault(tok, len(vocab)) for tok in self.analyzer.tokens(text, lang)])
+        self._bm25_langs = dict(Counter(lang for lang in self._chunk_lang.values() if lang))
         if not corpus:
             return None, np.zeros(0, dtype=np.int64)
         if not vocab:  # only punctuation everywhere: give bm25s one (never queried) token
@@ -340,7 +350,7 @@ class Store:
         return bm25, np.array(ids, dtype=np.int64)
 
     def _bm25_snapshots(self) -> list[Path]:
-        """Newest first."""
+        """Newest first (names start with the zero-padded generation)."""
         return sorted(self.index_dir.glob(BM25_PREFIX + "*"), reverse=True)
 
     def _manifest(self) -> dict:
@@ -366,7 +376,7 @@ class Store:
         self._require_writer()
         with self._lock:
             self._sync()
-            bm25_dir = self.index_dir / f"{BM25_PREFIX}{self.gen:012d}"
+            bm25_dir = self.index_dir / f"{BM25_PREFIX}{self.gen:012d}-{self._analyzer_tag}"
             if self._manifest().get("generation") == self.gen and bm25_dir.exists():
                 return  # already published (e.g. a re-ingest that changed nothing): skip the rewrite
             self._apply_removals()
@@ -380,6 +390,8 @@ class Store:
                 if self._bm25 is not None:
                     self._bm25.save(tmp, show_progress=False)
                 np.save(tmp / "chunk_ids.npy", self._bm25_ids)
+                (tmp / ANALYZER_FILE).write_text(self.analyzer.name)
+                (tmp / LANGUAGES_FILE).write_text(json.dumps(self._bm25_langs))
                 try:
                     _publish(tmp, bm25_dir)
                 except OSError:
@@ -391,6 +403,7 @@ class Store:
                 "chunks": int(self._index.ntotal),
                 "faiss": FAISS_NAME,
                 "bm25": bm25_dir.name,
+                "analyzer": self.analyzer.name,
                 "embedding_model": self.embedding_model,
                 "dim": self.dim,
                 "saved_at": time.time(),
@@ -566,14 +579,15 @@ class Store:
         return [(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
 
     def bm25_search(self, query: str, k: int) -> list[tuple[int, float]]:
-        """Top-k chunks by BM25 over `bm25_tokenize`; chunks sharing no word with the query are left out."""
+        """Top-k chunks by BM25 over the analyzer's tokens; chunks sharing no token with the query are
+        left out."""
         with self._lock:
             if not self.readonly and self._bm25_gen != self.gen:  # stale after our own writes
                 self._sync()
             if self._bm25 is None or k <= 0:
                 return []
             vocab = self._bm25.vocab_dict
-            tok_ids = [vocab[t] for t in bm25_tokenize(query) if t in vocab]
+            tok_ids = [vocab[t] for t in self.analyzer.query(query, self._bm25_langs) if t in vocab]
             if not tok_ids:
                 return []
             scores = self._bm25.get_scores_from_ids(tok_ids)
@@ -639,6 +653,8 @@ class Store:
             "generation": gen,
             "snapshot_generation": self._manifest().get("generation"),
             "bm25_generation": self._bm25_gen,  # < generation while refresh() puts off a rebuild
+            "analyzer": self.analyzer.name,
+            "languages": dict(sorted(self._bm25_langs.items(), key=lambda kv: -kv[1])),
         }
 
     def verify(self) -> None:

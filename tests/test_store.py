@@ -2,27 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
-import unicodedata
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
 
+from rag.analysis import ANALYZER, Analyzer
 from rag.store import (
+    ANALYZER_FILE,
     DB_NAME,
     FAISS_NAME,
+    MANIFEST_NAME,
     TMP_PREFIX,
     FileMeta,
     ModelMismatch,
     Store,
     StoreError,
-    bm25_tokenize,
 )
 from rag.types import Chunk
 
@@ -240,20 +242,6 @@ def test_skip_document_records_reason_and_drops_chunks(store):
     store.verify()
 
 
-def test_bm25_tokenize_is_language_neutral():
-    assert bm25_tokenize("Příliš ŽLUŤOUČKÝ kůň") == ["příliš", "žluťoučký", "kůň"]
-    assert bm25_tokenize(unicodedata.normalize("NFD", "žluťoučký kůň")) == ["žluťoučký", "kůň"]
-    assert bm25_tokenize("Київ — столиця України; Москва, 2024!") == [
-        "київ",
-        "столиця",
-        "україни",
-        "москва",
-        "2024",
-    ]
-    assert bm25_tokenize("The runners were running") == ["the", "runners", "were", "running"]  # no stemming
-    assert bm25_tokenize("...  --") == []
-
-
 def test_multilingual_bm25_search(store):
     put(store, "/cs", "Praha je hlavní město České republiky")
     put(store, "/uk", "Київ є столицею України")
@@ -261,6 +249,40 @@ def test_multilingual_bm25_search(store):
     for query, path in [("hlavní MĚSTO", "/cs"), ("столицею", "/uk"), ("the capital", "/en")]:
         assert store.hits(store.bm25_search(query, 1))[0].path == path
     assert store.bm25_search("!!!", 3) == [] and store.bm25_search("unknownword", 3) == []
+
+
+def test_bm25_analyzes_each_chunk_in_its_language(store):
+    put(store, "/ru", "Исследование законов масштабирования нейронных сетей показывает, как растёт качество.")
+    put(store, "/cs", "Zákony škálování neuronových sítí popisují, jak roste kvalita jazykových modelů.")
+    put(store, "/en", "Scaling laws describe how the loss of a language model falls with its size.")
+    # other inflections than in the text: only stemming finds them
+    for query, path in [
+        ("Законы масштабирования", "/ru"),
+        ("zákonů škálování", "/cs"),
+        ("scaled law", "/en"),
+    ]:
+        assert store.hits(store.bm25_search(query, 1))[0].path == path
+    assert store.stats()["languages"] == {"ru": 1, "cs": 1, "en": 1}
+
+
+def test_index_of_an_older_analyzer_is_migrated_without_reingest(tmp_path):
+    index = tmp_path / "index"
+    with Store(index, "test-model", DIM, analyzer=Analyzer(stemming=False)) as old:
+        put(old, "/en", "The engineers were running the tests all night long.")
+        old.save()
+        assert old.bm25_search("runs", 1) == []  # plain words: no match
+    snapshot = json.loads((index / MANIFEST_NAME).read_text())["bm25"]
+    with Store(index, readonly=True) as reader:  # a reader rebuilds in memory, leaves the files alone
+        assert reader.hits(reader.bm25_search("runs", 1))[0].path == "/en"
+        assert json.loads((index / MANIFEST_NAME).read_text())["bm25"] == snapshot
+    with Store(index, "test-model", DIM) as writer:  # a writer (rag ingest) saves the new snapshot
+        manifest = json.loads((index / MANIFEST_NAME).read_text())
+        assert manifest["analyzer"] == writer.analyzer.name == ANALYZER and manifest["bm25"] != snapshot
+        assert (index / manifest["bm25"] / ANALYZER_FILE).read_text() == ANALYZER
+        writer.verify()
+    with Store(index, readonly=True) as reader:
+        assert reader.hits(reader.bm25_search("run", 1))[0].path == "/en"
+        assert reader._bm25_cost == 0.0  # loaded from the snapshot, not rebuilt
 
 
 # A writer that replaces documents and snapshots in a loop: most of its time is spent in save(),
