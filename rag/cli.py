@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,35 +23,55 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bench.cli import app as bench_app
-from rag.answer import DEFAULT_MAX_NEW_TOKENS, Answer, Reader, ask_stream, drain
+from rag.answer import DEFAULT_MAX_NEW_TOKENS, Answer, Reader, ReaderUnavailable, ask_stream, drain
 from rag.config import Settings, get_settings
 from rag.embed import get_embedder
 from rag.eval import evaluate_reader, pick_split, run_beir
+from rag.fallback import search_only
 from rag.ingest.job import IngestReport, ProgressEvent, ingest
 from rag.llm.cli import app as llm_app
 from rag.reader_data import DEFAULT_ABSTAIN, DEFAULT_BATCH_SIZE, DEFAULT_SOURCES
 from rag.retrieve import Retriever
 from rag.store import Store, StoreError
 
-app = typer.Typer(
-    help="Self-hosted RAG: ingest folders, search them, answer with our own LLM.", no_args_is_help=True
-)
+
+class UserError(Exception):
+    """Bad input detected by the CLI itself (e.g. an unknown document)."""
+
+
+# What bad input, a missing file or a missing index raise; anything else is a bug and keeps its traceback.
+USER_ERRORS = (UserError, StoreError, OSError, ValueError)
+err_console = Console(stderr=True)
+
+
+def report_error(exc: BaseException) -> None:
+    err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+
+
+class Rag(typer.Typer):
+    """The `rag` app: a user error that escapes any command (`rag train ...` and `rag bench ...`
+    included) is one line on stderr and exit code 1, never a Python traceback."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except USER_ERRORS as exc:
+            report_error(exc)
+            raise SystemExit(1) from None
+
+
+app = Rag(help="Self-hosted RAG: ingest folders, search them, answer with our own LLM.", no_args_is_help=True)
 app.add_typer(llm_app, name="train", help="Train the decoder LLM: tokenizer, pretraining, SFT, DPO.")
 app.add_typer(bench_app, name="bench", help="Benchmarks (speed and memory, printed as ratios).")
 eval_app = typer.Typer(no_args_is_help=True)
 app.add_typer(eval_app, name="eval", help="Evaluate retrieval and reader quality on public benchmarks.")
 
 console = Console()
-err_console = Console(stderr=True)
 
 IndexOpt = Annotated[
     Path | None, typer.Option("--index", help="Index folder (default: RAG_INDEX_DIR or ./index).")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON value on stdout instead of tables.")]
-
-
-class UserError(Exception):
-    """Bad input detected by the CLI itself (e.g. an unknown document)."""
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -60,16 +81,17 @@ def user_errors(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (UserError, StoreError, OSError, ValueError) as exc:
-            err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        except USER_ERRORS as exc:
+            report_error(exc)
             raise typer.Exit(1) from None
 
     return wrapper
 
 
 def settings_for(index: Path | None) -> Settings:
+    """The settings, with `--index` (made absolute, as Settings makes RAG_INDEX_DIR) if given."""
     settings = get_settings()
-    return settings if index is None else settings.model_copy(update={"index_dir": index})
+    return settings if index is None else settings.model_copy(update={"index_dir": index.absolute()})
 
 
 def open_store(settings: Settings, readonly: bool = True, check_model: bool = True) -> Store:
@@ -107,18 +129,25 @@ def ingest_progress(enabled: bool) -> Iterator[Callable | None]:
         console=err_console,
     )
     task = progress.add_task("ingest", total=None, chunks=0, rate=0.0, current="")
-    start = time.perf_counter()
+    start: float | None = None  # chunks/s counts from the first file, not from the model load
 
     def on_progress(ev: ProgressEvent) -> None:
+        nonlocal start
+        if ev.stage:
+            progress.update(task, current=f"{ev.stage}…")
+            return
+        start = start or time.perf_counter()
         rate = ev.chunks_done / max(time.perf_counter() - start, 1e-9)
-        name = Path(ev.current_path).name if ev.current_path else ""
+        current = Path(ev.current_path).name if ev.current_path else ""
+        if ev.file_chunks_total and ev.file_chunks_done < ev.file_chunks_total:  # a file in the making
+            current += f" ({ev.file_chunks_done}/{ev.file_chunks_total} chunks)"
         progress.update(
             task,
             completed=ev.files_done,
             total=ev.files_total,
             chunks=ev.chunks_done,
             rate=rate,
-            current=name,
+            current=current,
         )
 
     with progress:
@@ -126,7 +155,7 @@ def ingest_progress(enabled: bool) -> Iterator[Callable | None]:
 
 
 def run_ingest(paths: list[Path], settings: Settings, prune: bool, show_progress: bool) -> IngestReport:
-    missing = [p for p in paths if not p.exists()]
+    missing = [p for p in paths if not os.path.lexists(p)]  # a symlink loop is reported by ingest
     if missing:
         raise UserError(f"path not found: {', '.join(map(str, missing))}")
     with ingest_progress(show_progress) as on_progress:
@@ -153,9 +182,13 @@ def ingest_cmd(
         summary += f", {report.deleted} deleted"
     console.print(f"{summary} in {report.seconds:.1f}s")
     if report.skipped:
-        table = Table("file", "reason", title="Skipped files", title_justify="left")
-        for path, reason in report.skipped:
-            table.add_row(escape(str(path)), escape(reason))
+        root, paths = relative_paths([path for path, _ in report.skipped])
+        title = f"Skipped files in {escape(root)}" if root else "Skipped files"
+        table = Table(title=title, title_justify="left")
+        table.add_column("file", overflow="fold")
+        table.add_column("reason", overflow="fold")
+        for path, (_, reason) in zip(paths, report.skipped, strict=True):
+            table.add_row(escape(path), escape(reason))
         console.print(table)
 
 
@@ -178,16 +211,21 @@ def search_cmd(
         hits = Retriever(store, embedder).search(query, k, mode, mmr)
     if as_json:
         return emit_json([h.to_dict() for h in hits])
-    if not hits:
+    print_passages([h.to_dict() for h in hits])
+
+
+def print_passages(passages: list[dict]) -> None:
+    """Ranked passages (search hits, or an answer's sources with their score) as `rag search` shows them."""
+    if not passages:
         console.print("No results.")
-    for rank, h in enumerate(hits, start=1):
+    for rank, p in enumerate(passages, start=1):
         console.print(
-            f"[bold]{rank}.[/] [cyan]{escape(h.title)}[/] [dim]{escape(h.path)} p.{h.page} "
-            f"\\[{h.start}:{h.end}] "
-            f"score {h.score:.4f}[/]",
+            f"[bold]{rank}.[/] [cyan]{escape(p['title'])}[/] [dim]{escape(p['path'])} p.{p['page']} "
+            f"\\[{p['start']}:{p['end']}] "
+            f"score {p['score']:.4f}[/]",
             highlight=False,
         )
-        console.print(" ".join(h.text.split())[:400], highlight=False, markup=False)
+        console.print(" ".join(p["text"].split())[:400], highlight=False, markup=False)
         console.print()
 
 
@@ -241,8 +279,11 @@ def ask_cmd(
 ) -> None:
     """Answer QUESTION with our own LLM from the top-k retrieved chunks, with numbered citations."""
     settings = settings_for(index)
-    # the model first: a missing one is the likeliest error and costs nothing to find
-    reader = Reader.load(model or settings.model_dir, settings.device, max_new_tokens=max_new_tokens)
+    # the model first: a missing one is the likeliest case and costs nothing to find
+    try:
+        reader = Reader.load(model or settings.model_dir, settings.device, max_new_tokens=max_new_tokens)
+    except ReaderUnavailable as exc:  # the passages instead, as the API and the web UI give them
+        return search_instead(question, settings, str(exc), k, mode, as_json)
     with open_store(settings) as store:
         retriever = Retriever(store, get_embedder(settings.embedding_model, settings.device))
         answer_stream = ask_stream(question, retriever, reader, k=k, mode=mode)
@@ -259,6 +300,21 @@ def ask_cmd(
     )
 
 
+def search_instead(question: str, settings: Settings, reason: str, k: int, mode: str, as_json: bool) -> None:
+    """`rag ask` without a reader: the matching passages, and why there is no answer."""
+    with open_store(settings) as store:
+        retriever = Retriever(store, get_embedder(settings.embedding_model, settings.device))
+        result = search_only(question, retriever, reason, k=k, mode=mode)
+    if as_json:
+        return emit_json(result)
+    err_console.print(
+        f"[yellow]No answer:[/] {escape(reason)}\nThe passages that match the question:",
+        highlight=False,
+        soft_wrap=True,
+    )
+    print_passages(result["sources"])
+
+
 @app.command("docs")
 @user_errors
 def docs_cmd(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
@@ -266,12 +322,31 @@ def docs_cmd(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
     docs = read_store(index, Store.documents)
     if as_json:
         return emit_json([d.to_dict() for d in docs])
-    table = Table("id", "path", "title", "status", "chunks", "error")
-    for d in docs:
-        style = "red" if d.error else None
-        cells = [str(d.id), d.path, d.title, d.status, str(d.n_chunks), d.error or ""]
-        table.add_row(*map(escape, cells), style=style)
-    console.print(table if docs else "The index is empty.")
+    if not docs:
+        return console.print("The index is empty.")
+    root, paths = relative_paths([d.path for d in docs])
+    table = Table("id", "status", "chunks", title=f"Documents in {escape(root)}" if root else None)
+    table.add_column("path", overflow="fold", ratio=3)  # whole, wrapped: never cut to the same "…"
+    table.add_column("title", overflow="ellipsis", ratio=2)
+    table.add_column("error", overflow="fold", ratio=2)
+    for d, path in zip(docs, paths, strict=True):
+        cells = [str(d.id), d.status, str(d.n_chunks), path, d.title, d.error or ""]
+        table.add_row(*map(escape, cells), style="red" if d.error else None)
+    console.print(table)
+
+
+def relative_paths(paths: list[str]) -> tuple[str, list[str]]:
+    """(their common folder, each path relative to it): a narrow terminal then shows the part that
+    tells documents apart instead of the same long prefix."""
+    try:
+        root = os.path.commonpath(paths)
+    except ValueError:  # relative and absolute paths mixed
+        return "", paths
+    if root in paths:  # one document, or one path the folder of the others
+        root = os.path.dirname(root)
+    if root in ("", os.sep):
+        return "", paths
+    return root, [os.path.relpath(p, root) for p in paths]
 
 
 @app.command("delete")
@@ -303,6 +378,30 @@ def stats_cmd(index: IndexOpt = None, as_json: JsonOpt = False) -> None:
     for key, value in stats.items():
         table.add_row(key, escape(json.dumps(value) if isinstance(value, dict) else str(value)))
     console.print(table)
+
+
+@app.command("serve")
+@user_errors
+def serve_cmd(
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on; 127.0.0.1 = this machine only.")
+    ] = ("127.0.0.1"),
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="API port.")] = 8000,
+    index: IndexOpt = None,
+    ui: Annotated[
+        bool, typer.Option("--ui", help="Also start the web UI (Streamlit), once the API is up.")
+    ] = False,
+    ui_host: Annotated[
+        str | None,
+        typer.Option("--ui-host", help="Where the UI listens (default: RAG_UI_HOST or 127.0.0.1)."),
+    ] = None,
+    ui_port: Annotated[int, typer.Option("--ui-port", min=1, max=65535, help="Web UI port.")] = 8501,
+) -> None:
+    """Serve the REST API (uvicorn) over the index until Ctrl-C; OpenAPI docs at /docs."""
+    from app.serve import serve
+
+    settings = settings_for(index)
+    serve(settings, host, port, ui=(ui_host or settings.ui_host, ui_port) if ui else None)
 
 
 @eval_app.command("retrieval")

@@ -10,7 +10,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Nothing in this project may reach a model hub at run time.
@@ -55,6 +55,23 @@ class Settings(BaseSettings):
     answer_queue: int = Field(
         4, ge=1, le=32, description="API answers generating or waiting at once; more get 503 (retry later)."
     )
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        description="Largest API request body; larger ones get 413 before they are read "
+        "(the largest valid chat request, 50 messages of 20,000 characters, is under 4 MB of ASCII).",
+    )
+    ui_host: str = Field(
+        "127.0.0.1",
+        description="Where `rag serve --ui` binds the web UI; any other address than this machine's "
+        "own makes the UI ask for the API key before its admin page shows anything.",
+    )
+
+    @field_validator("index_dir", "model_dir")
+    @classmethod
+    def _absolute(cls, path: Path) -> Path:
+        """Messages then name the folder meant ("no index at /home/me/index", not "at index")."""
+        return path.expanduser().absolute()
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> Settings:
