@@ -7,11 +7,15 @@ Normalized vectors make inner product == cosine, which is what the FAISS IndexFl
 from __future__ import annotations
 
 import os
-from functools import lru_cache
+from functools import cached_property, lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from rag.config import DEFAULT_EMBEDDING_MODEL
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -25,6 +29,8 @@ def resolve_model(name: str) -> str:
         return str(get_model_path())
     return name
 
+
+COVERAGE_CHARS = 600  # enough words for a stable share; tokenizing whole chunks per query cost more
 
 # Small batches: attention activations grow with batch x length^2, and at 16 the bundled
 # MiniLM embedded 1,613 PDF chunks faster than at 64 with 200 MB less peak memory (bench memory).
@@ -62,6 +68,43 @@ class Embedder:
         self.tokenizer = self.model.tokenizer
         self.n_calls = 0
         self.n_texts = 0
+
+    @cached_property
+    def _pieces(self) -> tuple[Tokenizer, np.ndarray]:
+        """A private copy of the fast tokenizer (no truncation or padding) and, per vocabulary id,
+        whether the piece holds letters."""
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
+        backend.no_truncation()
+        backend.no_padding()
+        vocab = backend.get_vocab()
+        letters = np.zeros(max(vocab.values()) + 1, dtype=bool)
+        for piece, i in vocab.items():
+            letters[i] = piece.removeprefix("##").lstrip("▁Ġ").isalpha()
+        return backend, letters
+
+    def coverage(self, texts: list[str]) -> np.ndarray:
+        """How well the model reads each text, in [0, 1]: the share of its words (of letters, in the
+        first COVERAGE_CHARS characters) that the vocabulary holds whole, as one piece.
+
+        A vocabulary built for English splits other languages into fragments, and the vectors of
+        such text are noise (hybrid fusion weighs them by this). With the bundled MiniLM, passages
+        score about: English 0.95, English biomedical abstracts 0.83, German 0.42, Czech 0.2,
+        Russian 0.1. A text without words of letters scores 1.0 (numbers are read fine).
+        """
+        if not texts:
+            return np.zeros(0)
+        backend, letters = self._pieces
+        out = np.ones(len(texts))
+        encodings = backend.encode_batch([t[:COVERAGE_CHARS] for t in texts], add_special_tokens=False)
+        for row, enc in enumerate(encodings):
+            words = np.array([-1 if w is None else w for w in enc.word_ids], dtype=np.int64)
+            keep = (words >= 0) & letters[np.asarray(enc.ids, dtype=np.int64)]
+            if keep.any():
+                _, pieces = np.unique(words[keep], return_counts=True)
+                out[row] = float(np.mean(pieces == 1))
+        return out
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Shape (n, dim), float32, each row of unit length (zero rows stay zero)."""

@@ -1,4 +1,4 @@
-"""Evaluation: retrieval on BEIR data, and the reader (answers with citations) on SQuAD.
+"""Evaluation: retrieval on BEIR data and on SQuAD paragraphs, and the reader (answers with citations).
 
 The retrieval metrics follow trec_eval conventions exactly (linear gains, log2 discount, ties broken
 by doc id descending; checked against pytrec_eval in tests) so our numbers are comparable to
@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from rag.reader_data import (
     DEFAULT_SOURCES,
     ExampleBuilder,
     ReaderExample,
+    Squad,
     load_reader,
     load_squad,
 )
@@ -243,9 +245,9 @@ def run_beir(
     docs_dir = cache_dir() / "beir" / key / "docs"
     if index_dir is None:
         model = re.sub(r"[^A-Za-z0-9_.-]", "_", settings.embedding_model)[-40:]
-        index_dir = (
-            cache_dir() / "beir" / key / f"index-{model}-{settings.chunk_tokens}-{settings.chunk_overlap}"
-        )
+        s = settings
+        chunking = f"{s.chunk_chars}c{s.chunk_overlap_chars}-{s.chunk_tokens}-{s.chunk_overlap}"
+        index_dir = cache_dir() / "beir" / key / f"index-{model}-{chunking}"
     stems = write_corpus_files(data.corpus, docs_dir)
     settings = settings.model_copy(update={"index_dir": index_dir})
     report = ingest([docs_dir], settings, prune=True, on_progress=on_progress)
@@ -269,6 +271,100 @@ def run_beir(
         "ingest": report.to_dict(),
     }
     return result
+
+
+# ------------------------------------------------------------------------------------ SQuAD paragraphs
+# Paragraph retrieval: every paragraph of a SQuAD-format file (SQuAD, XQuAD in any language) is one
+# .txt file ingested through the normal pipeline; each question should find its own paragraph.
+
+SQUAD_DEPTH = 100  # chunks per query: paragraphs are one or two chunks, so well over 10 paragraphs
+
+
+def squad_corpus(squad: Squad) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """(file stem -> paragraph text, [(question, stem of its paragraph)])."""
+    docs = {
+        f"a{a:04d}-p{p:04d}": text for a, paras in enumerate(squad.contexts) for p, text in enumerate(paras)
+    }
+    queries = [(q.question, f"a{q.article:04d}-p{q.paragraph:04d}") for q in squad.questions]
+    return docs, queries
+
+
+def doc_ranking(retriever: Retriever, query: str, mode: str, vec: np.ndarray, depth: int) -> list[str]:
+    """File stems in the order of their best chunk."""
+    hits = retriever.store.hits(retriever.rank(query, depth, mode, query_vec=vec))
+    return list(dict.fromkeys(Path(h.path).stem for h in hits))
+
+
+def rank_of(ranking: list[str], gold: str) -> int | None:
+    """1-based rank of `gold`, None when it was not retrieved."""
+    return ranking.index(gold) + 1 if gold in ranking else None
+
+
+def hit_metrics(ranks: Sequence[int | None]) -> dict[str, float]:
+    """hit@1, hit@5 and mrr@10 of one gold item per query."""
+    if not ranks:
+        raise ValueError("no queries to evaluate")
+    n = len(ranks)
+    return {
+        "hit@1": sum(r == 1 for r in ranks) / n,
+        "hit@5": sum(r is not None and r <= 5 for r in ranks) / n,
+        "mrr@10": sum(1.0 / r for r in ranks if r is not None and r <= 10) / n,
+    }
+
+
+def fusion_shares(ranks: dict[str, list[int | None]]) -> dict[str, float]:
+    """Share of queries where hybrid put the gold below / above the better of dense and BM25."""
+
+    def pos(r: int | None) -> float:
+        return math.inf if r is None else r
+
+    triples = list(zip(ranks["dense"], ranks["bm25"], ranks["hybrid"], strict=True))
+    below = sum(pos(h) > min(pos(d), pos(b)) for d, b, h in triples)
+    above = sum(pos(h) < min(pos(d), pos(b)) for d, b, h in triples)
+    return {"fusion_below_best": below / len(triples), "fusion_above_best": above / len(triples)}
+
+
+def run_squad(
+    path: Path,
+    settings: Settings,
+    *,
+    index_dir: Path | None = None,
+    on_progress: Callable[[ProgressEvent], None] | None = None,
+    show_progress: bool = False,
+) -> dict:
+    """Ingest every paragraph of a SQuAD-format file into an index (a temporary one unless
+    `index_dir`) and score each mode by the rank of each question's own paragraph."""
+    squad = load_squad(path)
+    docs, queries = squad_corpus(squad)
+    with tempfile.TemporaryDirectory(prefix="rag-squad-") as tmp:
+        docs_dir = Path(tmp) / "docs" if index_dir is None else Path(f"{index_dir}-docs")
+        docs_dir.mkdir(parents=True, exist_ok=True)
+        for stem, text in docs.items():
+            file = docs_dir / f"{stem}.txt"
+            if not file.is_file() or file.read_text(encoding="utf-8") != text:
+                file.write_text(text, encoding="utf-8")
+        settings = settings.model_copy(update={"index_dir": index_dir or Path(tmp) / "index"})
+        report = ingest([docs_dir], settings, prune=True, on_progress=on_progress)
+        with Store(settings.index_dir, embedding_model=settings.embedding_model, readonly=True) as store:
+            embedder = get_embedder(settings.embedding_model, settings.device)
+            retriever = Retriever(store, embedder)
+            vecs = embedder.encode([q for q, _ in queries])
+            ranks: dict[str, list[int | None]] = {mode: [] for mode in EVAL_MODES}
+            for mode in EVAL_MODES:
+                bar = tqdm(queries, desc=f"{mode:>6} queries", disable=not show_progress)
+                for (query, gold), vec in zip(bar, vecs, strict=True):
+                    ranks[mode].append(rank_of(doc_ranking(retriever, query, mode, vec, SQUAD_DEPTH), gold))
+            chunks = store.stats()["chunks"]
+    return {
+        **{mode: hit_metrics(ranks[mode]) for mode in EVAL_MODES},
+        **fusion_shares(ranks),
+        "queries": len(queries),
+        "paragraphs": len(docs),
+        "chunks": chunks,
+        "squad": str(path),
+        "index": str(index_dir) if index_dir else None,
+        "ingest": report.to_dict(),
+    }
 
 
 # ------------------------------------------------------------------------------------ reader evaluation

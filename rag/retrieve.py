@@ -2,10 +2,19 @@
 
 Hybrid fuses ranks, not scores (reciprocal rank fusion): cosine similarities and BM25 scores live
 on unrelated scales, while ranks are comparable and need no per-corpus calibration.
+
+The dense list only counts where the embedding model can read the text. The bundled model's
+English vocabulary spells Russian or Ukrainian letter by letter and returns noise for it, and plain
+RRF let that noise push the right BM25 hit down (XQuAD-ru hit@1: BM25 0.76, hybrid 0.51). So each
+dense entry's RRF share is weighted by `dense_weight` of the query's and the chunk's coverage
+(`Embedder.coverage`): 1 for English, German or Czech, 0 for Cyrillic with that model, where hybrid
+then is BM25 exactly. Equal fused scores go to the better BM25 rank. docs/benchmarks.md has the
+measurements behind the thresholds.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -24,18 +33,36 @@ MODES = ("hybrid", "dense", "bm25")
 RRF_K = 10
 DEPTH = 100  # candidates taken from each list before fusing
 MMR_POOL = 4  # MMR re-ranks this many times k candidates
+# Dense weight from coverage: 0 at or below COVER_NONE, 1 at or above COVER_FULL, linear between.
+COVER_NONE, COVER_FULL = 0.6, 0.8
+COVERAGE_CACHE = 200_000  # chunk coverages remembered per Retriever (a chunk id's text never changes)
 
 
-def rrf(rankings: Sequence[Scored], k: int = RRF_K, weights: Sequence[float] | None = None) -> Scored:
-    """Reciprocal rank fusion: score(d) = sum_i w_i / (k + rank_i(d)), ranks from 1; ties by id."""
-    weights = [1.0] * len(rankings) if weights is None else list(weights)
-    if len(weights) != len(rankings):
-        raise ValueError(f"{len(weights)} weights for {len(rankings)} rankings")
+def dense_weight(coverage: np.ndarray | float) -> np.ndarray:
+    """How much a dense score counts, from the embedder's coverage of the text (see module doc)."""
+    return np.clip((np.asarray(coverage, dtype=np.float64) - COVER_NONE) / (COVER_FULL - COVER_NONE), 0, 1)
+
+
+def fuse(
+    dense: Scored, bm25: Scored, dense_weights: Sequence[float], k: int = RRF_K, bm25_weight: float = 1.0
+) -> Scored:
+    """Hybrid score(c) = w_c / (k + dense rank) + bm25_weight / (k + BM25 rank), ranks from 1, w_c
+    the dense weight of chunk c in this query. Ties go to the better BM25 rank, then the better
+    dense rank (so chunks of weight 0 still fill the list, last), then the lower id."""
+    if len(dense_weights) != len(dense):
+        raise ValueError(f"{len(dense_weights)} dense weights for {len(dense)} dense results")
     fused: dict[int, float] = defaultdict(float)
-    for ranking, w in zip(rankings, weights, strict=True):
-        for rank, (item, _) in enumerate(ranking, start=1):
-            fused[item] += w / (k + rank)
-    return sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))
+    semantic = {}
+    for rank, ((cid, _), w) in enumerate(zip(dense, dense_weights, strict=True), start=1):
+        fused[cid] += w / (k + rank)
+        semantic[cid] = rank
+    lexical = {cid: rank for rank, (cid, _) in enumerate(bm25, start=1)}
+    for cid, rank in lexical.items():
+        fused[cid] += bm25_weight / (k + rank)
+    inf = math.inf
+    return sorted(
+        fused.items(), key=lambda kv: (-kv[1], lexical.get(kv[0], inf), semantic.get(kv[0], inf), kv[0])
+    )
 
 
 def mmr(candidates: Scored, vectors: np.ndarray, k: int, lam: float) -> Scored:
@@ -79,6 +106,31 @@ class Retriever:
     ):
         self.store, self.embedder = store, embedder
         self.rrf_k, self.depth, self.weights = rrf_k, depth, weights
+        self._coverage: dict[int, float] = {}
+
+    def chunk_coverage(self, chunk_ids: list[int]) -> np.ndarray:
+        """Embedder coverage of each chunk (cached by id); chunks deleted meanwhile count as 0."""
+        missing = [cid for cid in chunk_ids if cid not in self._coverage]
+        if missing:
+            if len(self._coverage) + len(missing) > COVERAGE_CACHE:
+                self._coverage.clear()
+            texts = {h.chunk_id: h.text for h in self.store.hits([(cid, 0.0) for cid in missing])}
+            found = [cid for cid in missing if cid in texts]
+            self._coverage.update(zip(found, self.embedder.coverage([texts[c] for c in found]), strict=True))
+        return np.array([self._coverage.get(cid, 0.0) for cid in chunk_ids])
+
+    def hybrid(self, query: str, depth: int, query_vec: np.ndarray | None = None) -> Scored:
+        """`fuse` of the top `depth` of each list, dense weighted by coverage of query and chunk.
+        A query the embedder cannot read is not even embedded."""
+        bm25 = self.store.bm25_search(query, depth)
+        query_w = float(dense_weight(self.embedder.coverage([query])[0])) * self.weights[0]
+        dense: Scored = []
+        chunk_w = np.zeros(0)
+        if query_w > 0:
+            vec = self.embedder.encode_query(query) if query_vec is None else query_vec
+            dense = self.store.dense_search(vec, depth)
+            chunk_w = query_w * dense_weight(self.chunk_coverage([cid for cid, _ in dense]))
+        return fuse(dense, bm25, list(chunk_w), k=self.rrf_k, bm25_weight=self.weights[1])
 
     def rank(self, query: str, k: int, mode: str = "hybrid", query_vec: np.ndarray | None = None) -> Scored:
         """Top-k (chunk id, score); hybrid fuses the top max(depth, k) chunks of each list.
@@ -89,12 +141,10 @@ class Retriever:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if mode == "bm25":
             return self.store.bm25_search(query, k)
+        if mode == "hybrid":
+            return self.hybrid(query, max(self.depth, k), query_vec)[:k]
         vec = self.embedder.encode_query(query) if query_vec is None else query_vec
-        if mode == "dense":
-            return self.store.dense_search(vec, k)
-        depth = max(self.depth, k)
-        lists = [self.store.dense_search(vec, depth), self.store.bm25_search(query, depth)]
-        return rrf(lists, k=self.rrf_k, weights=self.weights)[:k]
+        return self.store.dense_search(vec, k)
 
     def search(
         self, query: str, k: int = 5, mode: str = "hybrid", mmr_lambda: float | None = None

@@ -10,7 +10,7 @@ import pytest
 from rag.config import Settings
 from rag.embed import get_embedder
 from rag.ingest.job import ingest
-from rag.retrieve import Retriever, mmr, open_retriever, rrf
+from rag.retrieve import COVER_FULL, COVER_NONE, Retriever, dense_weight, fuse, mmr, open_retriever
 from rag.store import Store
 
 DOCS = {
@@ -30,6 +30,13 @@ DOCS = {
     "берегах Дніпра, а Софійський собор внесено до списку світової спадщини.",
     "baikal.txt": "Байкал — самое глубокое озеро на планете: его глубина достигает 1642 метров. "
     "В озере содержится около двадцати процентов мировых запасов пресной воды.",
+    # the issue's case: a Russian query over Czech, Ukrainian and Russian texts on nearby topics
+    "zakony-ru.txt": "Законы масштабирования описывают, как ошибка языковой модели уменьшается с ростом "
+    "числа параметров, объёма обучающих данных и вычислительного бюджета.",
+    "zakony-uk.txt": "Бджільництво в Україні має давню історію: пасічники доглядають вулики, годують "
+    "бджолині сім'ї взимку та збирають мед наприкінці літа.",
+    "zakony-cs.txt": "Plzeňské pivo se vaří z chmele, ječného sladu a měkké vody již od roku 1842; "
+    "pivovar dnes ročně vyrobí přes milion hektolitrů.",
 }
 # Near-duplicates about glaciers, so MMR has something to remove.
 DUPLICATE = DOCS["glaciers.txt"]
@@ -54,17 +61,42 @@ def retriever(index) -> Retriever:
     return open_retriever(settings)
 
 
-def test_rrf_by_hand():
+def test_fusion_rule_by_hand():
     dense = [(1, 0.9), (2, 0.8), (3, 0.1)]
     bm25 = [(3, 12.0), (1, 5.0)]
-    fused = dict(rrf([dense, bm25], k=10))
+    fused = dict(fuse(dense, bm25, [1.0, 1.0, 1.0], k=10))
     assert fused == pytest.approx({1: 1 / 11 + 1 / 12, 2: 1 / 12, 3: 1 / 13 + 1 / 11})
-    assert [i for i, _ in rrf([dense, bm25], k=10)] == [1, 3, 2]
-    weighted = dict(rrf([dense, bm25], k=10, weights=[1.0, 3.0]))
-    assert weighted[3] == pytest.approx(1 / 13 + 3 / 11)
-    assert rrf([[(5, 1.0)], [(4, 1.0)]], k=60) == [(4, 1 / 61), (5, 1 / 61)]  # ties broken by id
+    # per-chunk dense weights: chunk 1's dense vote counts half
+    assert dict(fuse(dense, bm25, [0.5, 1.0, 1.0], k=10))[1] == pytest.approx(0.5 / 11 + 1 / 12)
+    # dense weight 0 (a query or chunks the model cannot read): exactly the BM25 ranking
+    assert fuse(dense, bm25, [0.0, 0.0, 0.0], k=10) == [(3, 1 / 11), (1, 1 / 12), (2, 0.0)]
+    assert fuse(dense, bm25, [1.0] * 3, k=10, bm25_weight=3.0)[0] == (3, pytest.approx(1 / 13 + 3 / 11))
+    # ties go to the lexical hit, then to the lower id
+    assert [c for c, _ in fuse([(5, 0.9)], [(6, 3.0)], [1.0], k=60)] == [6, 5]
+    assert [c for c, _ in fuse([(5, 0.9), (4, 0.8)], [], [0.0, 0.0], k=60)] == [5, 4]  # dense rank
+    assert [c for c, _ in fuse([], [(9, 1.0), (8, 1.0)], [], k=60)] == [9, 8]
     with pytest.raises(ValueError, match="weights"):
-        rrf([dense], weights=[1.0, 2.0])
+        fuse(dense, bm25, [1.0])
+
+
+def test_dense_weight_ramps_with_coverage():
+    mid = (COVER_NONE + COVER_FULL) / 2
+    w = dense_weight(np.array([0.0, COVER_NONE, mid, COVER_FULL, 1.0]))
+    np.testing.assert_allclose(w, [0.0, 0.0, 0.5, 1.0, 1.0])
+
+
+def test_embedder_coverage_tells_languages_it_reads(retriever):
+    en, de, cs, ru, uk, digits = retriever.embedder.coverage(
+        [
+            "The river carries old stones past quiet towns while engineers measure the flow.",
+            "Der Fluss trägt alte Steine an stillen Städten vorbei, während Ingenieure messen.",
+            "Řeka nese staré kameny kolem tichých měst, zatímco inženýři měří průtok.",
+            "Река несёт старые камни мимо тихих городов, пока инженеры измеряют течение.",
+            "Річка несе старе каміння повз тихі міста, поки інженери вимірюють течію.",
+            "1642 — 2024",
+        ]
+    )
+    assert en > COVER_FULL and max(de, cs, ru, uk) < COVER_NONE and digits == 1.0
 
 
 def test_mmr_by_hand():
@@ -111,23 +143,46 @@ def test_hits_cite_exact_spans(retriever, index):
 @pytest.mark.parametrize(
     ("query", "expected"),
     [
-        ("největší hradní komplex", "hrad.txt"),  # Czech
-        ("столиця України", "kyiv.txt"),  # Ukrainian
-        ("самое глубокое озеро", "baikal.txt"),  # Russian
+        # other inflections than in the documents: found through each language's stems
+        ("Kde sídlí prezidenta republiky?", "hrad.txt"),  # Czech (Snowball)
+        ("největší hradní komplex", "hrad.txt"),
+        ("Z čeho se vaří plzeňská piva?", "zakony-cs.txt"),
+        ("столиця України", "kyiv.txt"),  # Ukrainian (5-letter prefixes)
+        ("Коли пасічник збирає мед з вуликів?", "zakony-uk.txt"),
+        ("самое глубокое озеро", "baikal.txt"),  # Russian (Snowball)
+        ("Законы масштабирования языковых моделей", "zakony-ru.txt"),
+        ("закон масштабирования", "zakony-ru.txt"),
     ],
 )
-def test_multilingual_queries(retriever, mode, query, expected):
+def test_russian_czech_and_ukrainian_queries_find_their_own_document_first(retriever, mode, query, expected):
     assert Path(retriever.search(query, k=3, mode=mode)[0].path).name == expected
 
 
-def test_hybrid_is_rrf_of_dense_and_bm25(retriever):
+def test_hybrid_fuses_dense_and_bm25_by_coverage(retriever):
     query = "ice flows downhill in valleys"
     vec = retriever.embedder.encode_query(query)
     dense = retriever.store.dense_search(vec, retriever.depth)
     bm25 = retriever.store.bm25_search(query, retriever.depth)
-    expected = rrf([dense, bm25], k=retriever.rrf_k)[:5]
+    query_w = dense_weight(retriever.embedder.coverage([query]))[0]
+    chunk_w = dense_weight(retriever.chunk_coverage([cid for cid, _ in dense]))
+    expected = fuse(dense, bm25, list(query_w * chunk_w), k=retriever.rrf_k)[:5]
     hits = retriever.search(query, k=5, mode="hybrid")
     assert [(h.chunk_id, h.score) for h in hits] == [(c, pytest.approx(s)) for c, s in expected]
+    # English query, English chunks: full weight; the Cyrillic chunks' dense votes do not count
+    by_chunk = dict(zip([cid for cid, _ in dense], chunk_w, strict=True))
+    paths = {h.chunk_id: Path(h.path).name for h in retriever.store.hits(dense)}
+    assert query_w == 1.0 and by_chunk[next(c for c, p in paths.items() if p == "glaciers.txt")] == 1.0
+    assert by_chunk[next(c for c, p in paths.items() if p == "baikal.txt")] == 0.0
+
+
+def test_russian_query_is_not_embedded_and_hybrid_is_bm25(retriever):
+    query = "Законы масштабирования"
+    before = retriever.embedder.n_texts
+    assert retriever.rank(query, 5, "hybrid") == [
+        (cid, pytest.approx(1 / (retriever.rrf_k + r)))
+        for r, (cid, _) in enumerate(retriever.rank(query, 5, "bm25"), 1)
+    ]
+    assert retriever.embedder.n_texts == before
 
 
 def test_mmr_removes_near_duplicates(retriever):
