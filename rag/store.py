@@ -536,7 +536,28 @@ class Store:
         if persist:
             self.save()
 
+    def set_setting(self, key: str, value: str) -> None:
+        """Record a fact about the index (e.g. how `rag ingest` chunked it); not a search-visible write."""
+        self._require_writer()
+        if key in {"embedding_model", "dim", "schema_version", "generation"}:
+            raise ValueError(f"setting {key!r} is managed by the store")
+        with self._lock, self._txn(write=True) as db:
+            db.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, value))
+
+    def forget_hashes(self) -> int:
+        """For `rag ingest --rebuild`: clear every document's content hash, so the next ingest of its
+        file reads, chunks and embeds it again (its chunks stay searchable until then). Returns how
+        many documents it touched."""
+        self._require_writer()
+        with self._lock, self._txn(write=True) as db:
+            return db.execute("UPDATE documents SET sha256 = NULL WHERE sha256 IS NOT NULL").rowcount
+
     # ---- reading -----------------------------------------------------------------------------
+
+    def setting(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
 
     def documents(self) -> list[DocRecord]:
         with self._lock:

@@ -71,6 +71,16 @@ def _tokenizable(text: str) -> str:
     return _SURROGATE.sub("\ufffd", text)
 
 
+def chunking_id(settings: Settings) -> str:
+    """How `rag ingest` chunks under these settings, as an index records it (`rag ingest --rebuild`)."""
+    if not settings.chunk_chars:
+        return f"{settings.chunk_tokens} tokens, overlap {settings.chunk_overlap}"
+    return (
+        f"{settings.chunk_chars} characters, overlap {settings.chunk_overlap_chars}, "
+        f"at most {settings.chunk_tokens} tokens"
+    )
+
+
 class Chunker:
     """No chunk exceeds `chunk_tokens` tokens, nor `chunk_chars` characters unless one token is
     longer. Neighbours share about `overlap` tokens, or `overlap_chars` characters when sizes are
