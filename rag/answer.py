@@ -11,24 +11,28 @@ avoid.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
 from rag.citations import Citation, parse_citations
 from rag.llm.checkpoint import load_checkpoint
 from rag.llm.generate import CompiledDecoder, GenerationConfig, stream
+from rag.llm.grounded import RowRead, SourceReader, evidence_spans
 from rag.llm.model import GPT
 from rag.llm.tokenizer import Tokenizer
-from rag.prompt import ABSTAIN, Prompt, Source, build_prompt
+from rag.prompt import ABSTAIN, Prompt, Source, SourcePrompt, build_prompt, build_source_prompt
 from rag.retrieve import Retriever
 from rag.squad import answer_text
 from rag.types import Hit
 
 T = TypeVar("T")
 DEFAULT_MAX_NEW_TOKENS = 96  # answers are short: a span and its citation, or the abstention sentence
+CALIBRATION_FILE = "reader.json"  # next to a checkpoint: the abstention threshold chosen on dev data
+DEFAULT_ABSTAIN_MARGIN = 0.0  # before calibration: answer when the span beats the abstention path
 
 
 class ReaderUnavailable(ValueError):
@@ -44,6 +48,9 @@ class Answer:
     sources: list[Source]  # all sources the model was shown, numbered 1..k
     finish_reason: str  # "stop" | "length" | "no_sources" | "no_room" (max_new_tokens left no room for any)
     timings: dict[str, float] = field(default_factory=dict)
+    evidence: list[dict] = field(default_factory=list)  # source spans the answer steps attended to most
+    cut_sources: list[int] = field(default_factory=list)  # sources read only in part (their span says where)
+    scores: dict[str, float] = field(default_factory=dict)  # the grounded reader's span/abstention scores
 
     def to_dict(self) -> dict:
         """The JSON shape shared by `rag ask --json` and `POST /v1/ask`."""
@@ -55,6 +62,9 @@ class Answer:
             "sources": [s.to_dict() for s in self.sources],
             "finish_reason": self.finish_reason,
             "timings": self.timings,
+            "evidence": self.evidence,
+            "cut_sources": self.cut_sources,
+            "scores": self.scores,
         }
 
 
@@ -122,7 +132,13 @@ def _check_vocab(model: GPT, tokenizer: Tokenizer) -> None:
 
 
 class Reader:
-    """Our trained decoder as a question answerer over sources."""
+    """Our trained decoder as a question answerer over sources.
+
+    Two kinds of checkpoint: the from-scratch decoder reads all sources in one prompt and writes its
+    answer freely (rag.prompt.build_prompt); the warm-started reader (a copy head) reads each source
+    in a prompt of its own and answers with a span of the best one (rag.llm.grounded), abstaining
+    when the best span's margin over the abstention path is below `abstain_margin`.
+    """
 
     def __init__(
         self,
@@ -131,6 +147,7 @@ class Reader:
         *,
         max_new_tokens: int | None = None,
         decoder: CompiledDecoder | None = None,
+        abstain_margin: float = DEFAULT_ABSTAIN_MARGIN,
     ):
         """max_new_tokens: the default answer room, DEFAULT_MAX_NEW_TOKENS, or half the context of
         a model too small for that."""
@@ -140,6 +157,8 @@ class Reader:
             max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, self.block_size // 2)
         self.max_new_tokens = max_new_tokens
         self._check_room(max_new_tokens)
+        self.source_reader = SourceReader(model, tokenizer) if model.copy is not None else None
+        self.abstain_margin = abstain_margin
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu", **kw) -> Reader:
@@ -153,6 +172,9 @@ class Reader:
         try:
             model, tokenizer = load_checkpoint(path, device)
             _check_vocab(model, tokenizer)
+            calibration = path / CALIBRATION_FILE
+            if calibration.is_file() and "abstain_margin" not in kw:
+                kw["abstain_margin"] = float(json.loads(calibration.read_text())["abstain_margin"])
         except Exception as e:  # corrupt json, torn safetensors (SafetensorError), wrong shapes, ...
             raise ReaderUnavailable(f"reader model at {path} cannot be loaded: {e}") from e
         return cls(model, tokenizer, **kw)  # bad keywords (max_new_tokens) are the caller's ValueError
@@ -189,10 +211,95 @@ class Reader:
         Bad input (empty question, max_new_tokens too large) raises here, at the call, before any
         piece: an HTTP stream can still answer 422 instead of failing halfway.
         """
+        return self.stream_sources(question, [hit_to_source(h) for h in hits], config)
+
+    def stream_sources(
+        self, question: str, sources: Sequence[Source], config: GenerationConfig | None = None
+    ) -> Generator[str, None, Answer]:
+        """`stream` over prompt sources (best first; renumbered 1..k) instead of retrieval hits."""
         config = self._generation_config(config)
         question = question.strip()
-        prompt = self.prompt(question, hits, config.max_new_tokens)
+        if self.source_reader is not None:
+            prompts = self.source_prompts(question, sources, config.max_new_tokens)
+            return self._stream_sources(question, prompts, config)
+        self._check_room(config.max_new_tokens)
+        prompt = build_prompt(self.tokenizer, question, sources, self.block_size - config.max_new_tokens)
         return self._stream(question, prompt, config)
+
+    def source_prompts(
+        self, question: str, sources: Sequence[Source], max_new_tokens: int | None = None
+    ) -> list[SourcePrompt]:
+        """One prompt per source (the warm-started reader), numbered 1..k in the given order; a
+        source too long for the room left by max_new_tokens is cut at its end (SourcePrompt.cut)."""
+        max_new = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        self._check_room(max_new)
+        if not " ".join(question.split()):
+            raise ValueError("question is empty")
+        prompts = []
+        for source in sources:
+            if not source.text.strip():
+                continue
+            n = len(prompts) + 1
+            prompts.append(
+                build_source_prompt(self.tokenizer, question, replace(source, n=n), self.block_size - max_new)
+            )
+        return prompts
+
+    def _stream_sources(
+        self, question: str, prompts: list[SourcePrompt], config: GenerationConfig
+    ) -> Generator[str, None, Answer]:
+        sources = [p.source for p in prompts]
+        if not prompts:
+            yield ABSTAIN
+            timings = {"generate_ms": 0.0, "prompt_tokens": 0, "new_tokens": 0}
+            return Answer(question, ABSTAIN, True, [], [], "no_sources", timings)
+        start = time.perf_counter()
+        reads = self.source_reader.read(prompts, config.grounded, config.max_new_tokens)
+        best = self.choose(reads)
+        if best is None:
+            text, evidence = ABSTAIN, []
+        elif config.grounded:
+            prompt = prompts[best.row]
+            a, b = prompt.char_span(*best.span)
+            text = f"{prompt.source.text[a:b]} [{prompt.source.n}]"
+            evidence = evidence_spans(prompt, best.evidence)
+        else:
+            text, evidence = self.tokenizer.decode(best.token_ids, skip_special=True).strip(), []
+        yield text
+        timings = {
+            "generate_ms": _ms(start),
+            "prompt_tokens": sum(len(p.ids) for p in prompts),
+            "new_tokens": len(best.token_ids) if best else 0,
+        }
+        scores = {}
+        if reads:
+            top = max(reads, key=lambda r: r.span_logprob)
+            scores = {
+                "span_logprob": top.span_logprob,
+                "margin": top.margin,
+                "abstain_margin": self.abstain_margin,
+            }
+        return Answer(
+            question,
+            text,
+            best is None,
+            parse_citations(text, sources),
+            sources,
+            "stop",
+            timings,
+            evidence=evidence,
+            cut_sources=[p.source.n for p in prompts if p.cut],
+            scores=scores,
+        )
+
+    def choose(self, reads: Sequence[RowRead]) -> RowRead | None:
+        """The source whose answer scores best, or None to abstain: no source yields a span, or the
+        best span's margin over its abstention path is below abstain_margin."""
+        found = [r for r in reads if r.token_ids]
+        if not found:
+            return None
+        best = max(found, key=lambda r: r.span_logprob)
+        return best if best.margin >= self.abstain_margin else None
 
     def _stream(
         self, question: str, prompt: Prompt, config: GenerationConfig
@@ -218,6 +325,12 @@ class Reader:
     def answer(self, question: str, hits: Sequence[Hit], config: GenerationConfig | None = None) -> Answer:
         """The whole answer at once (same result as draining `stream`)."""
         return drain(self.stream(question, hits, config))
+
+    def answer_sources(
+        self, question: str, sources: Sequence[Source], config: GenerationConfig | None = None
+    ) -> Answer:
+        """`answer` over prompt sources instead of retrieval hits."""
+        return drain(self.stream_sources(question, sources, config))
 
 
 def ask_stream(

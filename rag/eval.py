@@ -1,4 +1,4 @@
-"""Evaluation: retrieval on BEIR data and on SQuAD paragraphs, and the reader (answers with citations).
+"""Retrieval evaluation on BEIR data and on SQuAD paragraphs (the reader's is rag.eval_reader).
 
 The retrieval metrics follow trec_eval conventions exactly (linear gains, log2 discount, ties broken
 by doc id descending; checked against pytrec_eval in tests) so our numbers are comparable to
@@ -13,33 +13,18 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from rag.answer import Reader, is_abstention
-from rag.citations import STOP_WORDS, parse_citations
 from rag.config import Settings
 from rag.embed import get_embedder
 from rag.ingest.job import ProgressEvent, ingest
-from rag.llm.generate import GenerationConfig, generate
-from rag.prompt import ABSTAIN, Source
-from rag.reader_data import (
-    DEFAULT_ABSTAIN,
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_SOURCES,
-    ExampleBuilder,
-    ReaderExample,
-    Squad,
-    load_reader,
-    load_squad,
-)
+from rag.reader_data import Squad, load_squad
 from rag.retrieve import Retriever
-from rag.squad import answer_text, contains_answer, exact_match, f1_score, normalize_answer
 from rag.store import Store
 
 Qrels = dict[str, dict[str, int]]  # query id -> doc id -> graded relevance
@@ -364,189 +349,4 @@ def run_squad(
         "squad": str(path),
         "index": str(index_dir) if index_dir else None,
         "ingest": report.to_dict(),
-    }
-
-
-# ------------------------------------------------------------------------------------ reader evaluation
-# The reader alone, on SQuAD questions with the gold paragraph among distractors, prompts built by
-# the training-data builder (rag.reader_data) with a fixed seed: the model sees exactly the kind of
-# prompt it was trained on, and retrieval errors do not blur the reader's own numbers.
-
-
-def score_reader_output(text: str, example: ReaderExample) -> dict:
-    """Per-example counts for summarize_reader: EM/F1 (answerable rows), citations, abstention.
-
-    A valid citation is precise when its source contains a gold answer; on abstention rows no source
-    does, so any citation there is imprecise.
-    """
-    citations = parse_citations(text, example.prompt.sources)
-    valid = [c for c in citations if c.source is not None]
-    row = {
-        "id": example.id,
-        "gold": example.gold,
-        "output": text,
-        "abstained": is_abstention(text),
-        "citations": len(citations),
-        "invalid": len(citations) - len(valid),
-        "precise": sum(contains_answer(c.source.text, example.answers) for c in valid),
-        "gold_cited": any(c.n == example.gold for c in valid),
-    }
-    if example.gold is not None:
-        said = answer_text(text)
-        row["em"] = exact_match(said, example.answers)
-        row["f1"] = f1_score(said, example.answers)
-    return row
-
-
-def _ratio(num: float, den: float) -> float | None:
-    return num / den if den else None
-
-
-def summarize_reader(rows: Sequence[dict]) -> dict[str, float | None]:
-    """Means over scored rows (None where a metric has nothing to count).
-
-    em, f1: answerable rows (an abstention there scores 0). citation_precision: precise / valid
-    citations, all rows. gold_citation_rate: answerable rows citing the gold source.
-    invalid_citation_rate: citations pointing at no source / all citations. abstention_accuracy:
-    abstention rows answered with ABSTAIN; false_abstention_rate: answerable rows answered so.
-    """
-    answerable = [r for r in rows if r["gold"] is not None]
-    unanswerable = [r for r in rows if r["gold"] is None]
-    citations = sum(r["citations"] for r in rows)
-    invalid = sum(r["invalid"] for r in rows)
-    return {
-        "em": _ratio(sum(r["em"] for r in answerable), len(answerable)),
-        "f1": _ratio(sum(r["f1"] for r in answerable), len(answerable)),
-        "citation_precision": _ratio(sum(r["precise"] for r in rows), citations - invalid),
-        "gold_citation_rate": _ratio(sum(r["gold_cited"] for r in answerable), len(answerable)),
-        "invalid_citation_rate": _ratio(invalid, citations),
-        "abstention_accuracy": _ratio(sum(r["abstained"] for r in unanswerable), len(unanswerable)),
-        "false_abstention_rate": _ratio(sum(r["abstained"] for r in answerable), len(answerable)),
-    }
-
-
-_SENTENCE_RE = re.compile(r"(?<=[.!?])\s+")
-
-
-def overlap_baseline(question: str, sources: Sequence[Source]) -> str:
-    """A non-model reader: the source sentence sharing the most content words with the question,
-    cited with its source number (the first such sentence on ties; ABSTAIN without sources).
-
-    It shows what word matching alone achieves: a fair bar for citation precision, a low one for
-    EM/F1 (a whole sentence is not a short answer), and it never abstains when there are sources.
-    """
-    asked = {w for w in normalize_answer(question).split() if w not in STOP_WORDS}
-    best, best_n, best_score = "", 0, -1
-    for source in sources:
-        for sentence in _SENTENCE_RE.split(answer_text(source.text)):
-            score = len(asked.intersection(normalize_answer(sentence).split()))
-            if sentence and score > best_score:
-                best, best_n, best_score = sentence, source.n, score
-    return f"{best} [{best_n}]" if best else ABSTAIN
-
-
-def decode_and_score(
-    reader: Reader,
-    examples: Sequence[ReaderExample],
-    *,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    show_progress: bool = False,
-) -> Iterator[tuple[ReaderExample, dict, dict]]:
-    """(example, model row, baseline row) per example: greedy batches (rows stop independently at
-    EOS, at most the reader's max_new_tokens), each output scored with score_reader_output."""
-    config = GenerationConfig(max_new_tokens=reader.max_new_tokens)  # greedy, stops at EOS
-    with tqdm(total=len(examples), desc="reader eval", unit="q", disable=not show_progress) as bar:
-        for i in range(0, len(examples), batch_size):
-            batch = examples[i : i + batch_size]
-            outputs = generate(reader.model, reader.tokenizer, [ex.prompt.ids for ex in batch], config)
-            for ex, out in zip(batch, outputs, strict=True):
-                model = score_reader_output(out.text.strip(), ex) | {"finish": out.finish_reason}
-                baseline = score_reader_output(overlap_baseline(ex.prompt.question, ex.prompt.sources), ex)
-                yield ex, model, baseline
-            bar.update(len(batch))
-
-
-def by_gold_position(rows: Sequence[dict]) -> dict[int, dict]:
-    """Per gold source number: rows, EM and gold-citation rate (does the reader handle [4], [5]?)."""
-    positions = sorted({r["gold"] for r in rows if r["gold"] is not None})
-    result = {}
-    for n in positions:
-        at = [r for r in rows if r["gold"] == n]
-        summary = summarize_reader(at)
-        result[n] = {
-            "rows": len(at),
-            "em": summary["em"],
-            "gold_citation_rate": summary["gold_citation_rate"],
-        }
-    return result
-
-
-def evaluate_reader(
-    model_dir: str | Path,
-    squad_path: str | Path,
-    *,
-    limit: int | None = None,
-    seed: int = 0,
-    sources: int = DEFAULT_SOURCES,
-    abstain: float = DEFAULT_ABSTAIN,
-    max_new_tokens: int | None = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    device: str = "cpu",
-    predictions: str | Path | None = None,
-    show_progress: bool = False,
-) -> dict:
-    """EM, F1, citation and abstention metrics of a reader checkpoint and of overlap_baseline.
-
-    Prompts: rag.reader_data's builder with the model's budget (load_reader: block_size -
-    max_new_tokens, None = the reader's default, as for training data) and `seed`.
-    `predictions`: a JSONL file to write every example's outputs and scores to (opened first, so a
-    bad path fails before anything is loaded).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    with ExitStack() as stack:
-        out = None
-        if predictions is not None:
-            Path(predictions).parent.mkdir(parents=True, exist_ok=True)
-            out = stack.enter_context(Path(predictions).open("w", encoding="utf-8"))
-        reader, max_tokens = load_reader(model_dir, device, max_new_tokens)
-        builder = ExampleBuilder(
-            load_squad(squad_path),
-            reader.tokenizer,
-            sources=sources,
-            abstain=abstain,
-            max_tokens=max_tokens,
-            seed=seed,
-        )
-        examples = list(builder(limit))
-        if not examples:
-            raise ValueError(
-                f"no example could be built from {squad_path}: skipped {dict(builder.stats.skipped)}"
-            )
-        model_rows, baseline_rows = [], []
-        for ex, m, b in decode_and_score(
-            reader, examples, batch_size=batch_size, show_progress=show_progress
-        ):
-            model_rows.append(m)
-            baseline_rows.append(b)
-            if out is not None:
-                row = {"id": ex.id, "question": ex.question, "answers": ex.answers, "model": m, "baseline": b}
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    stats = builder.stats.to_dict()
-    return {
-        "model": summarize_reader(model_rows),
-        "baseline": summarize_reader(baseline_rows),
-        "model_by_gold_position": by_gold_position(model_rows),
-        "examples": len(examples),
-        "answerable": stats["answerable"],
-        "abstain": stats["abstain"],
-        "cut_at_max_new_tokens": sum(r["finish"] == "length" for r in model_rows),
-        "build": stats,
-        "squad": str(squad_path),
-        "model_dir": str(model_dir),
-        "seed": seed,
-        "device": device,
-        "sources": sources,
-        "max_tokens": max_tokens,
-        "max_new_tokens": reader.max_new_tokens,
     }

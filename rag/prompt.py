@@ -122,3 +122,77 @@ def build_prompt(
         kept.append(replace(passage, n=n, end=passage.start + len(text), text=text))
     ids = [tokenizer.bos_id, *body, *tail]
     return Prompt(ids=ids, sources=kept, question=question, dropped=len(passages) - len(kept))
+
+
+# ------------------------------------------------------------------------------- one source per prompt
+# The warm-started reader (a BERT-sized encoder, 512 positions) reads each source in a prompt of
+# its own, question first, and its answers are compared across sources (rag.llm.grounded):
+#
+#     <|bos|><question> question <source>[n] Title · page p chunk text <answer>
+#
+# Five 200-token sources and a question do not fit 512 positions; one source does, so nothing is
+# dropped for lack of room and every source is read whole (or cut at its end, recorded in its span).
+
+
+@dataclass
+class SourcePrompt:
+    """One source's prompt. Its text tokens are ids[text_start : text_start + len(offsets)], and
+    offsets[i] is token i's (start, end) in source.text, so a span of tokens maps back to the
+    source's own characters (case and accents included, though WordPiece reads them uncased)."""
+
+    ids: list[int]
+    source: Source  # as read: text and end cut where the budget cut it
+    question: str
+    text_start: int
+    offsets: list[tuple[int, int]]
+    cut: bool = False  # the source's text was cut to fit
+
+    @property
+    def text_end(self) -> int:
+        return self.text_start + len(self.offsets)
+
+    def char_span(self, first: int, last: int) -> tuple[int, int]:
+        """Character span in source.text of text tokens first..last (inclusive)."""
+        return self.offsets[first][0], self.offsets[last][1]
+
+
+def _question_ids(tokenizer, question: str) -> tuple[str, list[int]]:
+    question = " ".join(question.split())
+    if not question:
+        raise ValueError("question is empty")
+    q_ids = tokenizer.encode(question)
+    if len(q_ids) > MAX_QUESTION_TOKENS:
+        question = _cut_to_tokens(tokenizer, question, MAX_QUESTION_TOKENS) or question
+        q_ids = tokenizer.encode(question)[:MAX_QUESTION_TOKENS]
+    return question, q_ids
+
+
+def build_source_prompt(tokenizer, question: str, source: Source, max_tokens: int) -> SourcePrompt:
+    """The prompt for `question` over one `source`, at most `max_tokens` ids (context minus answer
+    room). A text too long for the room is cut after its last whole word that fits.
+
+    Raises ValueError when the question and header leave less than MIN_SOURCE_TOKENS for the text.
+    """
+    question, q_ids = _question_ids(tokenizer, question)
+    header = tokenizer.encode(source_header(source.n, source.title, source.page).strip())
+    head = [tokenizer.bos_id, tokenizer.token_id(QUESTION), *q_ids, tokenizer.token_id(SOURCE), *header]
+    room = max_tokens - len(head) - 1  # 1 for <answer>
+    if room < MIN_SOURCE_TOKENS:
+        raise ValueError(f"max_tokens={max_tokens} leaves no room for a source after the question")
+    ids, offsets = tokenizer.encode_offsets(source.text)
+    cut = len(ids) > room
+    if cut:
+        keep = room
+        while keep > 1 and tokenizer.continues[ids[keep]]:  # never end inside a word
+            keep -= 1
+        ids, offsets = ids[:keep], offsets[:keep]
+        end = offsets[-1][1]
+        source = replace(source, end=source.start + end, text=source.text[:end])
+    return SourcePrompt(
+        ids=[*head, *ids, tokenizer.token_id(ANSWER)],
+        source=source,
+        question=question,
+        text_start=len(head),
+        offsets=[tuple(o) for o in offsets],
+        cut=cut,
+    )

@@ -30,7 +30,7 @@ import os
 import random
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,7 +39,7 @@ from urllib.parse import unquote
 from tqdm import tqdm
 
 from rag.llm.tokenizer import Tokenizer
-from rag.prompt import ABSTAIN, Prompt, Source, build_prompt
+from rag.prompt import ABSTAIN, Prompt, Source, build_prompt, build_source_prompt
 from rag.squad import mentions_answer
 
 if TYPE_CHECKING:
@@ -61,6 +61,8 @@ class SquadQuestion:
     answer_end: int | None  # where the target answer ends in its paragraph; None: not found in it
     article: int
     paragraph: int
+    ambiguous: bool = False  # the answer occurs more than once in its paragraph and the rebuilt
+    # train file may point at the wrong copy ("n_occurrences"): no exact span to train on
 
 
 @dataclass
@@ -103,7 +105,10 @@ def load_squad(path: str | Path) -> Squad:
                     answers = tuple(dict.fromkeys(t for t in texts if t))
                     first = next((x for x in qa["answers"] if x["text"].strip()), None)
                     end = _answer_end(para["context"], first) if first else None
-                    squad.questions.append(SquadQuestion(str(qa["id"]), qa["question"], answers, end, a, p))
+                    many = bool(first and first.get("n_occurrences", 1) > 1)
+                    squad.questions.append(
+                        SquadQuestion(str(qa["id"]), qa["question"], answers, end, a, p, many)
+                    )
     except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(
             f"{path}: not SQuAD v1.1 (expected data -> paragraphs -> context, qas -> id, question, "
@@ -152,17 +157,19 @@ class BuildStats:
         }
 
 
-def select_questions(n: int, limit: int | None, seed: int) -> list[int]:
+def select_questions(n: int, limit: int | None, seed: int, offset: int = 0) -> list[int]:
     """Indices of the questions to use: all, or a seeded sample of `limit` in file order.
 
-    A prefix of one seeded permutation, so a larger limit keeps every question of a smaller one, and
-    a sample covers many articles (SQuAD's first article alone has hundreds of questions).
+    A slice of one seeded permutation, so a larger limit keeps every question of a smaller one, a
+    sample covers many articles (SQuAD's first article alone has hundreds of questions), and
+    `offset` gives a disjoint sample (e.g. to calibrate on questions the evaluation does not use).
     """
-    if limit is None or limit >= n:
+    if (limit is None or limit >= n) and not offset:
         return list(range(n))
     order = list(range(n))
     random.Random(f"{seed}:limit").shuffle(order)
-    return sorted(order[:limit])
+    end = None if limit is None else offset + limit
+    return sorted(order[offset:end])
 
 
 class ExampleBuilder:
@@ -181,13 +188,17 @@ class ExampleBuilder:
         abstain: float = DEFAULT_ABSTAIN,
         max_tokens: int = DEFAULT_MAX_TOKENS,
         seed: int = 0,
+        per_source: bool = False,
     ):
+        """per_source: the reader reads each source in a prompt of its own (rag.prompt.
+        build_source_prompt), so max_tokens bounds each source's prompt, not their sum."""
         if sources < 1:
             raise ValueError(f"sources must be >= 1, got {sources}")
         if not 0.0 <= abstain <= 1.0:
             raise ValueError(f"abstain must be in [0, 1], got {abstain}")
         self.squad, self.tokenizer = squad, tokenizer
         self.n_sources, self.abstain, self.max_tokens, self.seed = sources, abstain, max_tokens, seed
+        self.per_source = per_source
         self.stats = BuildStats()
 
     def prompt(self, question: str, picks: list[tuple[int, int]]) -> Prompt:
@@ -196,6 +207,12 @@ class ExampleBuilder:
         for a, p in picks:
             text = self.squad.contexts[a][p]
             passages.append(Source(0, self.squad.titles[a], 1, 0, len(text), text, doc_id=a, chunk_id=p))
+        if self.per_source:  # ids are the reader's business; sources are shown as each prompt reads them
+            read = [
+                build_source_prompt(self.tokenizer, question, replace(s, n=n), self.max_tokens).source
+                for n, s in enumerate(passages, 1)
+            ]
+            return Prompt(ids=[], sources=read, question=" ".join(question.split()))
         return build_prompt(self.tokenizer, question, passages, self.max_tokens)
 
     def distractors(
@@ -268,9 +285,11 @@ class ExampleBuilder:
         prompt, gold = found
         return ReaderExample(q.id, q.question, q.answers, prompt, gold, f"{q.answers[0]} [{gold}]", k)
 
-    def __call__(self, limit: int | None = None, progress: bool = False) -> Iterator[ReaderExample]:
+    def __call__(
+        self, limit: int | None = None, progress: bool = False, offset: int = 0
+    ) -> Iterator[ReaderExample]:
         """Examples for the selected questions (see select_questions), counting into self.stats."""
-        chosen = select_questions(len(self.squad.questions), limit, self.seed)
+        chosen = select_questions(len(self.squad.questions), limit, self.seed, offset)
         for i in tqdm(chosen, desc="reader data", unit="q", disable=not progress, dynamic_ncols=True):
             self.stats.questions += 1
             ex = self.example(self.squad.questions[i])

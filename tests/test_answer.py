@@ -223,7 +223,19 @@ def test_length_limit_and_bad_input(reader, retriever) -> None:
 def test_to_dict_is_the_shared_json_shape(reader, retriever) -> None:
     answer = ask("Яке місто є столицею України?", retriever, reader, k=K)
     d = json.loads(json.dumps(answer.to_dict(), ensure_ascii=False))
-    assert list(d) == ["question", "answer", "abstained", "citations", "sources", "finish_reason", "timings"]
+    assert list(d) == [
+        "question",
+        "answer",
+        "abstained",
+        "citations",
+        "sources",
+        "finish_reason",
+        "timings",
+        "evidence",
+        "cut_sources",
+        "scores",
+    ]
+    assert d["evidence"] == [] and d["cut_sources"] == []  # a from-scratch reader: no copy head
     assert d["question"] == "Яке місто є столицею України?" and d["answer"] == answer.text
     (c,) = d["citations"]
     assert c["valid"] and c["supported"] and c["source"] == d["sources"][c["n"] - 1]

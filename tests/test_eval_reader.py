@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from rag.cli import app
 from rag.config import get_settings
-from rag.eval import overlap_baseline, score_reader_output, summarize_reader
+from rag.eval_reader import overlap_baseline, score_reader_output, summarize_reader
 from rag.llm.align import SFT_KEYS, read_jsonl, train_sft
 from rag.llm.train import TrainConfig
 from rag.prompt import ABSTAIN, Prompt, Source

@@ -111,6 +111,13 @@ class KVCache:
         self.cursor.zero_()
         self._length = 0
         self._plan: tuple = ()
+        self.prefix_len: Tensor | None = None
+
+    def prefix(self, prefix_len: Tensor | None) -> Tensor | None:
+        """Remember a prefix-LM prompt's per-row prefix lengths (given at prefill) for later steps."""
+        if prefix_len is not None:
+            self.prefix_len = prefix_len
+        return self.prefix_len
 
     @property
     def length(self) -> int:

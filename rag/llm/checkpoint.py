@@ -18,7 +18,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from rag.llm.model import GPT, ModelConfig
-from rag.llm.tokenizer import Tokenizer
+from rag.llm.tokenizer import Tokenizer, load_tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -88,7 +88,7 @@ def load_checkpoint(path, device="cpu") -> tuple[GPT, Tokenizer]:
         raise CheckpointError(f"checkpoint directory not found: {path}")
     model = GPT(load_config(path))
     load_weights(model, path)
-    tokenizer = Tokenizer.load(_require(path / TOKENIZER_FILE))
+    tokenizer = load_tokenizer(_require(path / TOKENIZER_FILE))
     return model.to(device).eval(), tokenizer
 
 

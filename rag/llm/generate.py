@@ -41,6 +41,9 @@ class GenerationConfig:
     stop_strings: Sequence[str] = ()  # the text is cut before the first one that appears
     seed: int | None = None  # same seed -> same output; None -> a fresh random seed per call
     stop_at_eos: bool = True
+    # Readers with a copy head (rag.llm.grounded): the answer is a span of one source + its [n].
+    # False decodes the model's full distribution freely. Other models ignore it.
+    grounded: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "top_k", "seed"):

@@ -55,7 +55,18 @@ WINDOWS: dict[str, Callable[[Tensor, Tensor, ModelConfig], Tensor]] = {
 }
 
 
-def attention_mask(q_pos: Tensor, k_pos: Tensor, cfg: ModelConfig) -> Tensor:
-    """(B, Tq, Tk) bool, True = query may attend key: both real, causal, and inside the window."""
+def attention_mask(
+    q_pos: Tensor, k_pos: Tensor, cfg: ModelConfig, prefix_len: Tensor | None = None
+) -> Tensor:
+    """(B, Tq, Tk) bool, True = query may attend key: both real, causal, and inside the window.
+
+    prefix_len (B,) makes it a prefix-LM mask (UniLM): a key at a position below its row's
+    prefix_len is seen by every query of that row, so the prompt is read bidirectionally, as an
+    encoder reads it, while the answer after it stays causal. Cached decoding needs nothing more:
+    a decode step's query is past the prefix, where the rule is plain causality.
+    """
     q, k = q_pos[:, :, None], k_pos[:, None, :]
-    return (q >= 0) & (k >= 0) & (k <= q) & WINDOWS[cfg.window](q, k, cfg)
+    order = k <= q
+    if prefix_len is not None:
+        order = order | (k < prefix_len[:, None, None])
+    return (q >= 0) & (k >= 0) & order & WINDOWS[cfg.window](q, k, cfg)

@@ -57,6 +57,11 @@ class ModelConfig:
     bias: bool = False
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    norm_position: str = "pre"  # pre: x + f(norm(x)) and a final norm (GPT-2); post: norm(x + f(x)) (BERT)
+    embed_norm: bool = False  # a norm right after token + position embeddings (BERT)
+    mask: str = "causal"  # causal | prefix: bidirectional over a per-row prefix, causal after it (UniLM)
+    head_transform: bool = False  # dense + GELU + norm before the tied LM head (BERT's MLM head)
+    copy_head: bool = False  # pointer-generator: also copy source tokens by attention (CopyHead)
 
     def __post_init__(self) -> None:
         if isinstance(self.global_positions, list):  # from JSON
@@ -71,6 +76,8 @@ class ModelConfig:
             ("ffn", FFNS),
             ("window", WINDOWS),
             ("moe_expert", EXPERTS),
+            ("norm_position", NORM_POSITIONS),
+            ("mask", MASKS),
         ):
             value = getattr(self, name)
             if value not in choices:
@@ -154,9 +161,33 @@ FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "tuple[int, ...]": tuple,
 }
 
+NORM_POSITIONS = ("pre", "post")
+MASKS = ("causal", "prefix")
+
+# The BERT layout of all-MiniLM-L6-v2 (rag.llm.warmstart loads its weights into it); vocab_size is
+# its 30,522 WordPiece tokens plus our special tokens.
+MINILM: dict[str, Any] = {
+    "vocab_size": 30528,
+    "block_size": 512,
+    "n_layer": 6,
+    "n_head": 12,
+    "n_kv_head": 12,
+    "d_model": 384,
+    "ffn_hidden": 1536,
+    "pos": "learned",
+    "norm": "layernorm",
+    "ffn": "gelu",
+    "bias": True,
+    "norm_eps": 1e-12,
+    "norm_position": "post",
+    "embed_norm": True,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "tiny": {"block_size": 256, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 64},
+    # the CPU reader: MiniLM's encoder as a prefix-LM decoder with a copy head (rag.llm.warmstart)
+    "minilm-reader": {**MINILM, "mask": "prefix", "head_transform": True, "copy_head": True},
 }
 
 
@@ -164,11 +195,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 class ModelOutput:
     """What GPT.forward returns; with a ring-buffer cache, attn's keys are in the cache's slot order."""
 
-    logits: Tensor  # (B, T, vocab), or (B, 1, vocab) with last_only
+    logits: Tensor | None  # (B, T, vocab), or (B, 1, vocab) with last_only; None with head=False
     loss: Tensor | None  # ce_loss + moe_aux_weight * aux_loss; None without targets
     ce_loss: Tensor | None
     aux_loss: Tensor  # mean MoE load-balancing loss over MoE layers; 0 for dense models
     attn: list[Tensor] | None  # per layer (B, n_head, Tq, Tk) weights when return_attn
+    hidden: Tensor | None = None  # (B, T, d_model) final hidden states (the LM head's input)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,7 +451,8 @@ FFNS: dict[str, Callable[[ModelConfig], nn.Module]] = {
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+    """Residual block. Pre-norm (GPT-2, Llama): x + attn(norm(x)), then x + ffn(norm(x)).
+    Post-norm (the original Transformer, BERT): norm(x + attn(x)), then norm(x + ffn(x))."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -427,16 +460,84 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer)
         self.ffn = FFNS[cfg.ffn](cfg)
         self.drop = nn.Dropout(cfg.dropout)
+        self.post = cfg.norm_position == "post"
 
     def forward(self, x: Tensor, ctx: AttnContext) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        if self.post:
+            h, weights = self.attn(x, ctx)
+            x = self.norm1(x + self.drop(h))
+            h, aux = self.ffn(x)
+            return self.norm2(x + self.drop(h)), weights, aux
         h, weights = self.attn(self.norm1(x), ctx)
         x = x + self.drop(h)
         h, aux = self.ffn(self.norm2(x))
         return x + self.drop(h), weights, aux
 
 
-# ---------------------------------------------------------------------------------------------
-# The model
+class HeadTransform(nn.Module):
+    """BERT's MLM head before the tied decoder: dense, GELU, norm. The encoder's last layer is not
+    trained to be read out as token embeddings; this small map is what BERT uses to do it."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.norm = NORMS[cfg.norm](cfg)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(F.gelu(self.dense(x)))
+
+
+class CopyHead(nn.Module):
+    """Pointer-generator (See et al., 2017): the next token is generated from the vocabulary with
+    probability g, or copied from a source position with probability 1 - g:
+
+        p(y) = g * softmax(lm_logits)[y] + (1 - g) * sum_{p: id_p = y} a_p,   a = softmax(q . k_p / sqrt(d))
+
+    q is the answer step's hidden state, k_p the final hidden state of source position p (computed
+    once at prefill and kept with the KV cache). Copying is what a small model does best when the
+    answer is a span of its input, and `a` is a position-level pointer that grounded decoding uses
+    to keep the answer a contiguous span of one source.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.query = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.key = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.gate = nn.Linear(cfg.d_model, 1)
+
+    def pointer(self, h: Tensor, keys: Tensor, copyable: Tensor) -> tuple[Tensor, Tensor]:
+        """Copy log-weights log a (B, Tq, Tk) over `keys` (B, Tk, d; from self.key) where copyable
+        (B, Tk) is True, and the generate gate's logit (B, Tq): g = sigmoid(logit)."""
+        scores = (self.query(h) @ keys.transpose(-2, -1)).float() * h.size(-1) ** -0.5
+        scores = scores.masked_fill(~copyable[:, None, :], float("-inf"))
+        return scores.log_softmax(dim=-1), self.gate(h).float().squeeze(-1)
+
+    def reset_parameters(self) -> None:
+        """Start as plain dot-product attention between hidden states (identity maps): a bilinear
+        pointer with two small random maps starts with no signal in either and learns slowly."""
+        for lin in (self.query, self.key):
+            nn.init.eye_(lin.weight)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+
+    @staticmethod
+    def mix(lm_logits: Tensor, log_copy: Tensor, gate_logit: Tensor, key_ids: Tensor) -> Tensor:
+        """log p(y) over the vocabulary (B, Tq, V): the gate's mixture of generating and copying."""
+        log_gen = lm_logits.float().log_softmax(dim=-1) + F.logsigmoid(gate_logit)[..., None]
+        index = key_ids[:, None, :].expand(-1, log_copy.size(1), -1)
+        copy = torch.zeros_like(log_gen).scatter_add_(-1, index, log_copy.exp())
+        return torch.logaddexp(log_gen, (copy + 1e-30).log() + F.logsigmoid(-gate_logit)[..., None])
+
+    @staticmethod
+    def log_prob(
+        lm_logits: Tensor, log_copy: Tensor, gate_logit: Tensor, key_ids: Tensor, y: Tensor
+    ) -> Tensor:
+        """log p(y) (B, Tq) of given tokens y (B, Tq): the mixture at y only (training needs no more)."""
+        log_gen = lm_logits.float().log_softmax(dim=-1).gather(-1, y[..., None]).squeeze(-1)
+        copied = (log_copy.exp() * (key_ids[:, None, :] == y[..., None])).sum(-1)
+        return torch.logaddexp(
+            log_gen + F.logsigmoid(gate_logit), (copied + 1e-30).log() + F.logsigmoid(-gate_logit)
+        )
 
 
 class GPT(nn.Module):
@@ -447,9 +548,13 @@ class GPT(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.positions = POSITIONS[config.pos](config)
+        self.embed_norm = NORMS[config.norm](config) if config.embed_norm else nn.Identity()
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.norm = NORMS[config.norm](config)
+        # post-norm blocks end normalised; pre-norm ones need a final norm
+        self.norm = NORMS[config.norm](config) if config.norm_position == "pre" else nn.Identity()
+        self.head_transform = HeadTransform(config) if config.head_transform else nn.Identity()
+        self.copy = CopyHead(config) if config.copy_head else None
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -459,6 +564,8 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if self.copy is not None:
+            self.copy.reset_parameters()
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -483,28 +590,39 @@ class GPT(nn.Module):
         pad_mask: Tensor | None = None,
         return_attn: bool = False,
         last_only: bool = False,
+        prefix_len: Tensor | None = None,
+        head: bool = True,
     ) -> ModelOutput:
         """Logits for token ids `idx` (B, T); loss when `targets` (B, T) is given (-100 = ignored).
 
         pad_mask (B, T) bool, True = real token: positions are counted per row, padding is never
         attended. With a `cache`, the new tokens attend to the cached ones and are appended to it.
-        last_only computes logits for the last position only (generation).
+        last_only computes logits for the last position only (generation). prefix_len (B,): with
+        mask="prefix", positions below it see each other both ways (a cache keeps it for later
+        steps). head=False skips the LM head (logits None): callers that need logits at a few
+        positions only apply `logits_of` to those `hidden` states.
         """
         valid = self._check_inputs(idx, targets, pad_mask, last_only)
         if cache is not None:
             q_pos, k_pos = cache.begin(valid)
+            prefix_len = cache.prefix(prefix_len)
         elif pad_mask is None:  # the same positions for every row: masks broadcast over the batch
             q_pos = k_pos = torch.arange(idx.size(1), device=idx.device)[None]
         else:
             q_pos = k_pos = row_positions(valid)
-        plain = cache is None and pad_mask is None and not return_attn
-        ctx = AttnContext(self._mask(q_pos, k_pos, plain), self.positions.rotary(q_pos), cache, return_attn)
+        if (prefix_len is not None) != (self.config.mask == "prefix") and cache is None:
+            raise ValueError(
+                f"prefix_len is required with mask='prefix' and only then (mask={self.config.mask!r})"
+            )
+        plain = cache is None and pad_mask is None and not return_attn and prefix_len is None
+        mask = self._mask(q_pos, k_pos, plain, prefix_len)
+        ctx = AttnContext(mask, self.positions.rotary(q_pos), cache, return_attn)
 
         x = self.tok_emb(idx)
         pe = self.positions.embed(q_pos)
         if pe is not None:
             x = x + pe.to(x.dtype)
-        x = self.drop(x)
+        x = self.drop(self.embed_norm(x))
         attn, aux = [], []
         for block in self.blocks:
             x, weights, block_aux = block(x, ctx)
@@ -512,24 +630,30 @@ class GPT(nn.Module):
             if block_aux is not None:
                 aux.append(block_aux)
         x = self.norm(x)
-        logits = self.lm_head(x[:, -1:] if last_only else x)
+        logits = self.logits_of(x[:, -1:] if last_only else x) if head else None
 
-        aux_loss = torch.stack(aux).mean() if aux else logits.new_zeros((), dtype=torch.float32)
+        aux_loss = torch.stack(aux).mean() if aux else x.new_zeros((), dtype=torch.float32)
         ce_loss = loss = None
         if targets is not None:
+            if logits is None:
+                raise ValueError("targets need the LM head: head=False computes no logits")
             flat = targets.reshape(-1)
             total = F.cross_entropy(
                 logits.float().flatten(0, 1), flat, ignore_index=IGNORE_INDEX, reduction="sum"
             )
             ce_loss = total / (flat != IGNORE_INDEX).sum().clamp(min=1)  # all-ignored gives 0, not NaN
             loss = ce_loss + self.config.moe_aux_weight * aux_loss if aux else ce_loss
-        return ModelOutput(logits, loss, ce_loss, aux_loss, attn if return_attn else None)
+        return ModelOutput(logits, loss, ce_loss, aux_loss, attn if return_attn else None, x)
 
-    def _mask(self, q_pos: Tensor, k_pos: Tensor, plain: bool) -> Tensor | None:
+    def logits_of(self, hidden: Tensor) -> Tensor:
+        """LM head logits for final hidden states (any leading shape)."""
+        return self.lm_head(self.head_transform(hidden))
+
+    def _mask(self, q_pos: Tensor, k_pos: Tensor, plain: bool, prefix_len: Tensor | None) -> Tensor | None:
         bias = self.positions.bias(q_pos, k_pos)
         if plain and bias is None and self.config.window == "full":
             return None  # lets SDPA use its causal flash kernel
-        allowed = attention_mask(q_pos, k_pos, self.config)
+        allowed = attention_mask(q_pos, k_pos, self.config, prefix_len)
         # A padding query has no key; letting it see all keeps softmax finite (its output is unused).
         allowed = (allowed | ~allowed.any(dim=-1, keepdim=True))[:, None]
         return allowed if bias is None else bias.masked_fill(~allowed, float("-inf"))

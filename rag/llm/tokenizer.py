@@ -331,3 +331,21 @@ def train_tokenizer(
     tok = Tokenizer.train_from_files(corpus_paths, vocab_size, max_chars, show_progress=show_progress)
     tok.save(out_path)
     return tok
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved at `path` (a tokenizer.json or its folder), byte-level BPE or WordPiece
+    (rag.llm.wordpiece, the warm-started reader's), told apart by the file's model type."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if path.is_file():
+        try:
+            kind = (json.loads(path.read_text(encoding="utf-8")).get("model") or {}).get("type")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            kind = None
+        if kind == "WordPiece":
+            from rag.llm.wordpiece import WordPieceTokenizer
+
+            return WordPieceTokenizer.load(path)
+    return Tokenizer.load(path)

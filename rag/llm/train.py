@@ -101,6 +101,10 @@ class TrainConfig:
     seed: int = 1337
     resume: bool = False
     progress: bool = True
+    # span reader (rag.llm.span_train) only
+    batch_tokens: int = 4096  # padded tokens per length-bucketed micro-batch
+    span_weight: float = 0.5  # weight of the copy pointer's position cross-entropy
+    freeze_layers: int = 0  # freeze the embeddings and this many lowest blocks (0: train everything)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
@@ -127,6 +131,26 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         eval_iters=40,
         log_interval=20,
         compile=True,
+    ),
+    # The CPU reader: MiniLM warm start on span rows (rag.llm.span_train). bf16 autocast runs on CPUs
+    # with AVX512-BF16/AMX at ~1.7x fp32's speed; a micro-batch is one length bucket of ~4k tokens.
+    "minilm-reader": dict(
+        model="minilm-reader",
+        init_from="minilm",
+        batch_size=1,
+        batch_tokens=4096,
+        grad_accum=2,
+        lr=1e-4,
+        min_lr=1e-5,
+        weight_decay=0.01,
+        beta2=0.999,
+        warmup_steps=100,
+        max_steps=2600,
+        eval_interval=200,
+        eval_iters=20,
+        log_interval=10,
+        val_fraction=0.01,
+        dtype="bfloat16",
     ),
 }
 
@@ -365,7 +389,7 @@ class Trainer:
                 f"checkpoint was written by {state['world_size']} ranks, this run has {self.rt.world_size}"
             )
         changed = sorted(
-            k for k, v in asdict(self.cfg).items() if k not in _RESUMABLE and state["config"][k] != v
+            k for k, v in asdict(self.cfg).items() if k not in _RESUMABLE and state["config"].get(k) != v
         )
         if changed and self.rt.main:
             print(f"warning: resuming with changed settings {changed}: not an exact continuation")

@@ -1,0 +1,316 @@
+"""Reader evaluation on SQuAD-format data: EM / F1, citations and abstention, next to a baseline.
+
+The reader alone, on SQuAD questions with the gold paragraph among distractors, prompts built by
+the training-data builder (rag.reader_data) with a fixed seed: the model sees exactly the kind of
+prompt it was trained on, and retrieval errors do not blur the reader's own numbers. The answer
+metrics are the official SQuAD v1.1 ones.
+
+The grounded reader (rag.llm.grounded) is run without its abstention threshold and each row keeps
+the best span's margin over the abstention path, so the threshold can be applied afterwards and
+calibrated: `calibrate_margin` picks the margin that maximises the SQuAD 2.0-style score (F1 on
+answerable rows, 1 for abstaining on unanswerable ones) on questions the evaluation does not use.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+from tqdm import tqdm
+
+from rag.answer import Reader, is_abstention
+from rag.citations import STOP_WORDS, parse_citations
+from rag.llm.generate import GenerationConfig, generate
+from rag.prompt import ABSTAIN, Source
+from rag.reader_data import (
+    DEFAULT_ABSTAIN,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_SOURCES,
+    ExampleBuilder,
+    ReaderExample,
+    load_reader,
+    load_squad,
+)
+from rag.squad import answer_text, contains_answer, exact_match, f1_score, normalize_answer
+
+
+def score_reader_output(text: str, example: ReaderExample) -> dict:
+    """Per-example counts for summarize_reader: EM/F1 (answerable rows), citations, abstention.
+
+    A valid citation is precise when its source contains a gold answer; on abstention rows no source
+    does, so any citation there is imprecise.
+    """
+    citations = parse_citations(text, example.prompt.sources)
+    valid = [c for c in citations if c.source is not None]
+    row = {
+        "id": example.id,
+        "gold": example.gold,
+        "output": text,
+        "abstained": is_abstention(text),
+        "citations": len(citations),
+        "invalid": len(citations) - len(valid),
+        "precise": sum(contains_answer(c.source.text, example.answers) for c in valid),
+        "gold_cited": any(c.n == example.gold for c in valid),
+    }
+    if example.gold is not None:
+        said = answer_text(text)
+        row["em"] = exact_match(said, example.answers)
+        row["f1"] = f1_score(said, example.answers)
+    return row
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+def summarize_reader(rows: Sequence[dict]) -> dict[str, float | None]:
+    """Means over scored rows (None where a metric has nothing to count).
+
+    em, f1: answerable rows (an abstention there scores 0). citation_precision: precise / valid
+    citations, all rows. gold_citation_rate: answerable rows citing the gold source.
+    invalid_citation_rate: citations pointing at no source / all citations. abstention_accuracy:
+    abstention rows answered with ABSTAIN; false_abstention_rate: answerable rows answered so.
+    """
+    answerable = [r for r in rows if r["gold"] is not None]
+    unanswerable = [r for r in rows if r["gold"] is None]
+    citations = sum(r["citations"] for r in rows)
+    invalid = sum(r["invalid"] for r in rows)
+    return {
+        "em": _ratio(sum(r["em"] for r in answerable), len(answerable)),
+        "f1": _ratio(sum(r["f1"] for r in answerable), len(answerable)),
+        "citation_precision": _ratio(sum(r["precise"] for r in rows), citations - invalid),
+        "gold_citation_rate": _ratio(sum(r["gold_cited"] for r in answerable), len(answerable)),
+        "invalid_citation_rate": _ratio(invalid, citations),
+        "abstention_accuracy": _ratio(sum(r["abstained"] for r in unanswerable), len(unanswerable)),
+        "false_abstention_rate": _ratio(sum(r["abstained"] for r in answerable), len(answerable)),
+    }
+
+
+_SENTENCE_RE = re.compile(r"(?<=[.!?])\s+")
+
+
+def overlap_baseline(question: str, sources: Sequence[Source]) -> str:
+    """A non-model reader: the source sentence sharing the most content words with the question,
+    cited with its source number (the first such sentence on ties; ABSTAIN without sources).
+
+    It shows what word matching alone achieves: a fair bar for citation precision, a low one for
+    EM/F1 (a whole sentence is not a short answer), and it never abstains when there are sources.
+    """
+    asked = {w for w in normalize_answer(question).split() if w not in STOP_WORDS}
+    best, best_n, best_score = "", 0, -1
+    for source in sources:
+        for sentence in _SENTENCE_RE.split(answer_text(source.text)):
+            score = len(asked.intersection(normalize_answer(sentence).split()))
+            if sentence and score > best_score:
+                best, best_n, best_score = sentence, source.n, score
+    return f"{best} [{best_n}]" if best else ABSTAIN
+
+
+def decode_and_score(
+    reader: Reader,
+    examples: Sequence[ReaderExample],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    grounded: bool = True,
+    show_progress: bool = False,
+) -> Iterator[tuple[ReaderExample, dict, dict]]:
+    """(example, model row, baseline row) per example, each output scored with score_reader_output.
+
+    A reader that reads sources one prompt each (rag.llm.grounded) answers example by example (its
+    sources are one batch) and never abstains here: its row keeps the best answer, its margin over
+    the abstention path and its latency, and `apply_margin` decides abstention afterwards. Other
+    readers decode greedy batches of whole prompts (rows stop independently at EOS)."""
+    config = GenerationConfig(max_new_tokens=reader.max_new_tokens, grounded=grounded)
+    with tqdm(total=len(examples), desc="reader eval", unit="q", disable=not show_progress) as bar:
+        if reader.source_reader is not None:
+            never_abstain, reader.abstain_margin = reader.abstain_margin, -math.inf
+            try:
+                for ex in examples:
+                    answer = reader.answer_sources(ex.question, ex.prompt.sources, config)
+                    row = score_reader_output(answer.text, ex) | {
+                        "finish": answer.finish_reason,
+                        "margin": answer.scores.get("margin", -math.inf),
+                        "ms": answer.timings["generate_ms"],
+                    }
+                    yield ex, row, _baseline(ex)
+                    bar.update(1)
+            finally:
+                reader.abstain_margin = never_abstain
+            return
+        for i in range(0, len(examples), batch_size):
+            batch = examples[i : i + batch_size]
+            outputs = generate(reader.model, reader.tokenizer, [ex.prompt.ids for ex in batch], config)
+            for ex, out in zip(batch, outputs, strict=True):
+                model = score_reader_output(out.text.strip(), ex) | {"finish": out.finish_reason}
+                yield ex, model, _baseline(ex)
+            bar.update(len(batch))
+
+
+def _baseline(ex: ReaderExample) -> dict:
+    return score_reader_output(overlap_baseline(ex.prompt.question, ex.prompt.sources), ex)
+
+
+def apply_margin(row: dict, example: ReaderExample, margin: float) -> dict:
+    """The row as the reader would have answered with abstention threshold `margin`."""
+    if row.get("margin", math.inf) >= margin:
+        return row
+    return score_reader_output(ABSTAIN, example) | {k: row[k] for k in ("finish", "margin", "ms") if k in row}
+
+
+def _value(row: dict) -> float:
+    """A row's SQuAD 2.0-style credit: F1 on answerable rows, abstaining on the others."""
+    return row["f1"] if row["gold"] is not None else float(row["abstained"])
+
+
+def abstention_score(rows: Sequence[dict]) -> float:
+    """SQuAD 2.0-style: F1 on answerable rows (0 when abstaining), 1 for abstaining on the others."""
+    return sum(map(_value, rows)) / max(len(rows), 1)
+
+
+def calibrate_margin(rows: Sequence[dict], examples: Sequence[ReaderExample]) -> float:
+    """The abstention threshold that maximises abstention_score over these rows (rows from
+    decode_and_score of a grounded reader, which keep every margin): one sweep over the sorted
+    margins, each row counted as answered above its margin and as abstaining below it."""
+    answered = [_value(r) for r in rows]
+    abstained = [_value(apply_margin(r, ex, math.inf)) for r, ex in zip(rows, examples, strict=True)]
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["margin"])
+    score = best_score = sum(answered)  # threshold -inf: every row answered
+    best = -math.inf
+    for k, i in enumerate(order):  # threshold just above row i's margin: rows up to i abstain
+        score += abstained[i] - answered[i]
+        nxt = order[k + 1] if k + 1 < len(order) else None
+        if nxt is not None and rows[nxt]["margin"] == rows[i]["margin"]:
+            continue  # tied margins switch together
+        if score > best_score and math.isfinite(rows[i]["margin"]):
+            following = rows[nxt]["margin"] if nxt is not None else rows[i]["margin"] + 1.0
+            best, best_score = (rows[i]["margin"] + following) / 2, score
+    return best
+
+
+def latency(rows: Sequence[dict]) -> dict[str, float] | None:
+    """p50 / p95 of the reader's answer time per question (prefill + decode of all its sources)."""
+    ms = sorted(r["ms"] for r in rows if "ms" in r)
+    if not ms:
+        return None
+    return {"p50_ms": ms[len(ms) // 2], "p95_ms": ms[min(len(ms) - 1, int(0.95 * len(ms)))]}
+
+
+def by_gold_position(rows: Sequence[dict]) -> dict[int, dict]:
+    """Per gold source number: rows, EM and gold-citation rate (does the reader handle [4], [5]?)."""
+    positions = sorted({r["gold"] for r in rows if r["gold"] is not None})
+    result = {}
+    for n in positions:
+        at = [r for r in rows if r["gold"] == n]
+        summary = summarize_reader(at)
+        result[n] = {
+            "rows": len(at),
+            "em": summary["em"],
+            "gold_citation_rate": summary["gold_citation_rate"],
+        }
+    return result
+
+
+def evaluate_reader(
+    model_dir: str | Path,
+    squad_path: str | Path,
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    sources: int = DEFAULT_SOURCES,
+    abstain: float = DEFAULT_ABSTAIN,
+    max_new_tokens: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str = "cpu",
+    predictions: str | Path | None = None,
+    show_progress: bool = False,
+    grounded: bool = True,
+    calibrate: int | None = None,
+    abstain_margin: float | None = None,
+) -> dict:
+    """EM, F1, citation and abstention metrics of a reader checkpoint and of overlap_baseline.
+
+    Prompts: rag.reader_data's builder with the model's budget (load_reader: block_size -
+    max_new_tokens, None = the reader's default, as for training data) and `seed`.
+    `predictions`: a JSONL file to write every example's outputs and scores to (opened first, so a
+    bad path fails before anything is loaded). Grounded readers: `calibrate` N first chooses the
+    abstention margin on N other questions of the same file (the seeded sample after the evaluated
+    ones); `abstain_margin` sets it; else the checkpoint's calibrated margin is used.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    with ExitStack() as stack:
+        out = None
+        if predictions is not None:
+            Path(predictions).parent.mkdir(parents=True, exist_ok=True)
+            out = stack.enter_context(Path(predictions).open("w", encoding="utf-8"))
+        reader, max_tokens = load_reader(model_dir, device, max_new_tokens)
+        squad = load_squad(squad_path)
+
+        def builder() -> ExampleBuilder:
+            return ExampleBuilder(
+                squad,
+                reader.tokenizer,
+                sources=sources,
+                abstain=abstain,
+                max_tokens=max_tokens,
+                seed=seed,
+                per_source=reader.source_reader is not None,
+            )
+
+        def run(examples: list[ReaderExample]) -> tuple[list[dict], list[dict]]:
+            rows = list(
+                decode_and_score(
+                    reader, examples, batch_size=batch_size, grounded=grounded, show_progress=show_progress
+                )
+            )
+            return [m for _, m, _ in rows], [b for _, _, b in rows]
+
+        calibrated = None
+        if calibrate and reader.source_reader is not None:
+            cal_examples = list(builder()(calibrate, offset=limit or 0))
+            calibrated = calibrate_margin(run(cal_examples)[0], cal_examples)
+        main = builder()
+        examples = list(main(limit))
+        if not examples:
+            raise ValueError(
+                f"no example could be built from {squad_path}: skipped {dict(main.stats.skipped)}"
+            )
+        model_rows, baseline_rows = run(examples)
+        margin = next(m for m in (abstain_margin, calibrated, reader.abstain_margin) if m is not None)
+        if reader.source_reader is not None:
+            model_rows = [apply_margin(r, ex, margin) for r, ex in zip(model_rows, examples, strict=True)]
+        if out is not None:
+            for ex, m, b in zip(examples, model_rows, baseline_rows, strict=True):
+                row = {"id": ex.id, "question": ex.question, "answers": ex.answers, "model": m, "baseline": b}
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    stats = main.stats.to_dict()
+    result = {
+        "model": summarize_reader(model_rows),
+        "baseline": summarize_reader(baseline_rows),
+        "model_by_gold_position": by_gold_position(model_rows),
+        "examples": len(examples),
+        "answerable": stats["answerable"],
+        "abstain": stats["abstain"],
+        "cut_at_max_new_tokens": sum(r["finish"] == "length" for r in model_rows),
+        "build": stats,
+        "squad": str(squad_path),
+        "model_dir": str(model_dir),
+        "seed": seed,
+        "device": device,
+        "sources": sources,
+        "max_tokens": max_tokens,
+        "max_new_tokens": reader.max_new_tokens,
+    }
+    if reader.source_reader is not None:
+        result |= {
+            "grounded": grounded,
+            "abstain_margin": margin,
+            "calibrated_on": calibrate if calibrated is not None else None,
+            "latency": latency(model_rows),
+            "abstention_score": abstention_score(model_rows),
+        }
+    return result

@@ -1,0 +1,269 @@
+"""Reading sources one prompt each and answering with a span of one of them (grounded decoding).
+
+The warm-started reader (a prefix-LM with a copy head, rag.llm.model.CopyHead) reads every source in
+a prompt of its own (rag.prompt.build_source_prompt); the rows are prefilled together, left-padded,
+into one KV cache, and decoded token by token. At each step the model gives p(next token) as a
+mixture of generating from the vocabulary and copying a source position.
+
+Grounded decoding constrains that choice, so the answer is a span copied from the source:
+
+    first step:  start at any word-initial text position p, or EOS (= "not in this source")
+    later steps: continue with position p + 1, or stop ("[", the start of the citation) where a
+                 word ends
+
+The position-level pointer is the suffix structure: the state of a row is the position its span
+ends at, so the allowed next tokens are exactly one continuation plus the stop. An item's
+probability is the model's: copying position q, plus generating its token id (shared among the
+allowed positions with that id in proportion to their copy weights). A row's span score is the
+sum of its items' log-probabilities (stop included); its abstention score is log p(EOS) at the
+first step. Spans are compared across sources by score, and the reader abstains when the best
+span's score, against the abstention path, is below a threshold calibrated on SQuAD dev
+(rag.eval: `rag eval reader --calibrate`).
+
+Free decoding (grounded=False) samples the full mixture greedily instead, as a plain LM would.
+The attention of every answer step, summed over heads and layers, is kept per source token as
+the answer's evidence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from rag.llm.model import GPT
+from rag.prompt import SourcePrompt
+
+MAX_SPAN_TOKENS = 30  # SQuAD answers are short; a longer span is cut at the next word end after this
+
+
+@dataclass
+class RowRead:
+    """What the reader made of one source: its best span (or free text) and the scores."""
+
+    row: int
+    abstain_logprob: float  # log p(EOS) at the first step: "the answer is not in this source"
+    span: tuple[int, int] | None = None  # text tokens [first, last]; None: free text or nothing
+    span_logprob: float = -math.inf  # sum of the answer's step log-probabilities, stop included
+    token_ids: list[int] = field(default_factory=list)  # the generated answer tokens (no stop)
+    evidence: list[float] = field(default_factory=list)  # attention per text token, answer steps
+
+    @property
+    def margin(self) -> float:
+        """The span's score against the abstention path (what the abstention threshold compares)."""
+        return self.span_logprob - self.abstain_logprob
+
+
+class SourceReader:
+    """Batched prefill of per-source prompts and grounded (or free) greedy decoding."""
+
+    def __init__(self, model: GPT, tokenizer, max_span_tokens: int = MAX_SPAN_TOKENS):
+        if model.copy is None:
+            raise ValueError("grounded decoding needs a model with a copy head (preset minilm-reader)")
+        self.model, self.tokenizer, self.max_span = model, tokenizer, max_span_tokens
+        self.stop_id = tokenizer.encode("[")[0]
+        self.continues = torch.tensor(tokenizer.continues)
+
+    @torch.inference_mode()
+    def read(
+        self, prompts: list[SourcePrompt], grounded: bool = True, max_new_tokens: int = 48
+    ) -> list[RowRead]:
+        model, tok = self.model, self.tokenizer
+        device = model.tok_emb.weight.device
+        B, lens = len(prompts), [len(p.ids) for p in prompts]
+        T = max(lens)
+        idx = torch.full((B, T), tok.pad_id, dtype=torch.long)
+        copyable = torch.zeros(B, T, dtype=torch.bool)
+        word_start = torch.zeros(B, T, dtype=torch.bool)
+        shift = [T - n for n in lens]
+        for r, p in enumerate(prompts):
+            idx[r, shift[r] :] = torch.tensor(p.ids)
+            copyable[r, shift[r] + p.text_start : shift[r] + p.text_end] = True
+        word_start = copyable & ~self.continues[idx]
+        pad_mask = torch.arange(T)[None] >= torch.tensor(shift)[:, None]
+        idx, copyable, word_start, pad_mask = (t.to(device) for t in (idx, copyable, word_start, pad_mask))
+
+        was_training = model.training
+        model.eval()
+        try:
+            cache = model.new_cache(B, T + max(max_new_tokens, self.max_span) + 2)
+            out = model(
+                idx, cache=cache, pad_mask=pad_mask, prefix_len=torch.tensor(lens, device=device), head=False
+            )
+            keys = model.copy.key(out.hidden)
+            step = _Step(model, keys, copyable, idx)
+            dist = step(out.hidden[:, -1:])
+            reads = [RowRead(r, float(dist.log_gen(r, tok.eos_id))) for r in range(B)]
+            decode = self._grounded if grounded else self._free
+            decode(reads, dist, step, cache, word_start, shift, prompts, max_new_tokens)
+        finally:
+            model.train(was_training)
+        return reads
+
+    def _grounded(self, reads, dist, step, cache, word_start, shift, prompts, max_new_tokens) -> None:
+        B = len(reads)
+        first = dist.start_scores(word_start)  # (B, T) log p of starting at each position
+        pos = first.argmax(dim=-1)
+        for r in range(B):
+            p = int(pos[r])
+            if math.isinf(float(first[r, p])):  # no text to copy from
+                continue
+            reads[r].span = (p - shift[r] - prompts[r].text_start,) * 2
+            reads[r].span_logprob = float(first[r, p])
+            reads[r].token_ids = [int(step.ids[r, p])]
+        active = [reads[r].span is not None for r in range(B)]
+        current = pos.clone()
+        evidence = torch.zeros(step.ids.shape, device=step.ids.device)
+        while any(active):
+            feed = step.ids.gather(1, current[:, None])
+            mask = torch.tensor(active, device=feed.device)[:, None]
+            out = self.model(feed, cache=cache, pad_mask=mask, head=False, return_attn=True)
+            evidence += sum(a[:, :, 0, : evidence.size(1)].float().sum(1) for a in out.attn) * mask
+            dist = step(out.hidden)
+            for r in range(B):
+                if not active[r]:
+                    continue
+                p, read = int(current[r]), reads[r]
+                end = shift[r] + prompts[r].text_end
+                nxt = p + 1 if p + 1 < end else None
+                boundary = nxt is None or bool(word_start[r, nxt])
+                stop = dist.log_gen(r, self.stop_id) if boundary else -math.inf
+                length = read.span[1] - read.span[0] + 1
+                cont = dist.log_copy_or_gen(r, nxt) if nxt is not None else -math.inf
+                if cont > stop and not (boundary and length >= self.max_span):
+                    current[r] = nxt
+                    read.span = (read.span[0], read.span[1] + 1)
+                    read.span_logprob += cont
+                    read.token_ids.append(int(step.ids[r, nxt]))
+                else:
+                    read.span_logprob += stop
+                    active[r] = False
+        for r, read in enumerate(reads):
+            a, b = shift[r] + prompts[r].text_start, shift[r] + prompts[r].text_end
+            read.evidence = evidence[r, a:b].tolist()
+
+    def _free(self, reads, dist, step, cache, word_start, shift, prompts, max_new_tokens) -> None:
+        """Greedy decoding of the full mixture (no constraint): the model writes its own citation."""
+        eos = self.tokenizer.eos_id
+        log_p = dist.log_probs()
+        nxt = log_p.argmax(dim=-1)
+        active = []
+        for r, read in enumerate(reads):
+            t = int(nxt[r])
+            read.span_logprob = float(log_p[r, t])
+            active.append(t != eos)
+            if t != eos:
+                read.token_ids.append(t)
+        while any(active) and max(len(r.token_ids) for r in reads) < max_new_tokens:
+            mask = torch.tensor(active, device=nxt.device)[:, None]
+            out = self.model(nxt[:, None], cache=cache, pad_mask=mask, head=False)
+            log_p = step(out.hidden).log_probs()
+            nxt = log_p.argmax(dim=-1)
+            for r, read in enumerate(reads):
+                if active[r]:
+                    t = int(nxt[r])
+                    read.span_logprob += float(log_p[r, t])
+                    if t == eos:
+                        active[r] = False
+                    else:
+                        read.token_ids.append(t)
+
+
+class _Step:
+    """Keys and ids of the prefilled sources; called with answer-step hidden states (B, 1, d)."""
+
+    def __init__(self, model: GPT, keys: Tensor, copyable: Tensor, ids: Tensor):
+        self.model, self.keys, self.copyable, self.ids = model, keys, copyable, ids
+
+    def __call__(self, hidden: Tensor) -> _Dist:
+        log_copy, gate = self.model.copy.pointer(hidden, self.keys, self.copyable)
+        lm = self.model.logits_of(hidden).float().log_softmax(dim=-1)
+        return _Dist(self, lm[:, 0], log_copy[:, 0], gate[:, 0])
+
+
+@dataclass
+class _Dist:
+    """One step's distribution: log p_vocab (B, V), log a (B, T) over positions, gate logit (B,)."""
+
+    step: _Step
+    lm: Tensor
+    log_copy: Tensor
+    gate: Tensor
+
+    def log_gen(self, r: int, token: int) -> float:
+        """log of generating `token` (not copying it)."""
+        return float(self.lm[r, token] + torch.nn.functional.logsigmoid(self.gate[r]))
+
+    def log_copy_or_gen(self, r: int, p: int) -> float:
+        """log p of continuing at position p, the only allowed position: copy it or generate its id."""
+        g = torch.sigmoid(self.gate[r])
+        prob = (1 - g) * self.log_copy[r, p].exp() + g * self.lm[r, self.step.ids[r, p]].exp()
+        return float(prob.clamp(min=1e-45).log())
+
+    def start_scores(self, allowed: Tensor) -> Tensor:
+        """(B, T) log p of starting the span at each allowed position (-inf elsewhere); the
+        vocabulary's mass for a token is shared among its allowed positions by copy weight."""
+        ids = self.step.ids
+        g = torch.sigmoid(self.gate)[:, None]
+        a = self.log_copy.exp() * allowed
+        total = torch.zeros_like(self.lm).scatter_add_(1, ids, a)  # (B, V): copy weight per token id
+        share = a / total.gather(1, ids).clamp(min=1e-30)
+        prob = (1 - g) * a + g * self.lm.exp().gather(1, ids) * share
+        return prob.clamp(min=1e-45).log().masked_fill(~allowed, -math.inf)
+
+    def log_probs(self) -> Tensor:
+        """(B, V) log p of every next token under the full mixture (free decoding)."""
+        return self.step.model.copy.mix(
+            self.lm[:, None], self.log_copy[:, None], self.gate[:, None], self.step.ids
+        )[:, 0]
+
+
+EVIDENCE_SPANS = 3  # spans returned per answer
+EVIDENCE_WORDS = 6  # words picked before merging neighbours into spans
+EVIDENCE_FLOOR = 0.25  # ... each with at least this share of the heaviest word's attention
+
+
+def evidence_spans(prompt: SourcePrompt, weights: list[float], top: int = EVIDENCE_SPANS) -> list[dict]:
+    """The source spans the answer steps attended to most: attention per text token summed into
+    words; the EVIDENCE_WORDS heaviest words with at least EVIDENCE_FLOOR of the top one's weight;
+    neighbours (a word apart at most) merged into spans; the `top` heaviest spans. Offsets are the
+    document page's (source.start + char offset), so a span can be highlighted in the source as
+    shown; weight is the span's share of the attention the answer steps paid to the source text."""
+    if not weights or not prompt.offsets:
+        return []
+    total = sum(weights) or 1.0
+    words: list[list[int]] = []  # token indices per word
+    text = prompt.source.text
+    for i, (a, _) in enumerate(prompt.offsets):
+        glued = i > 0 and prompt.offsets[i - 1][1] == a and text[a : a + 1].isalnum()
+        if glued and text[a - 1 : a].isalnum():
+            words[-1].append(i)
+        else:
+            words.append([i])
+    weight = [sum(weights[i] for i in w) for w in words]
+    floor = EVIDENCE_FLOOR * max(weight)
+    heaviest = sorted(range(len(words)), key=lambda w: -weight[w])[:EVIDENCE_WORDS]
+    picked = sorted(w for w in heaviest if weight[w] > 0 and weight[w] >= floor)
+    spans: list[list[int]] = []
+    for w in picked:
+        if spans and w - spans[-1][-1] <= 2:
+            spans[-1].append(w)
+        else:
+            spans.append([w])
+    result = []
+    for span in spans:
+        first, last = words[span[0]][0], words[span[-1]][-1]
+        a, b = prompt.char_span(first, last)
+        share = sum(weight[w] for w in range(span[0], span[-1] + 1)) / total
+        result.append(
+            {
+                "n": prompt.source.n,
+                "start": prompt.source.start + a,
+                "end": prompt.source.start + b,
+                "text": text[a:b],
+                "weight": round(share, 4),
+            }
+        )
+    return sorted(result, key=lambda e: -e["weight"])[:top]
