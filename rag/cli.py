@@ -26,9 +26,9 @@ from bench.cli import app as bench_app
 from rag.answer import DEFAULT_MAX_NEW_TOKENS, Answer, Reader, ReaderUnavailable, ask_stream, drain
 from rag.config import Settings, get_settings
 from rag.embed import get_embedder
-from rag.eval import pick_split, run_beir
-from rag.eval_reader import evaluate_reader
+from rag.eval import evaluate_reader, pick_split, run_beir, run_squad
 from rag.fallback import search_only
+from rag.ingest.chunker import chunking_id
 from rag.ingest.job import IngestReport, ProgressEvent, ingest
 from rag.llm.cli import app as llm_app
 from rag.reader_data import DEFAULT_ABSTAIN, DEFAULT_BATCH_SIZE, DEFAULT_SOURCES
@@ -163,18 +163,52 @@ def run_ingest(paths: list[Path], settings: Settings, prune: bool, show_progress
         return ingest(paths, settings, prune=prune, on_progress=on_progress)
 
 
+CHUNKING = "chunking"  # index setting: how its chunks were cut (chunking_id)
+
+
+def chunking_note(settings: Settings, rebuild: bool) -> tuple[str | None, bool]:
+    """Before an ingest: (a note when indexed files keep chunks cut under other settings, whether
+    this run chunks every file the current way). --rebuild makes it so by forgetting content hashes.
+    A BM25 analyzer change needs none of this: the store migrates BM25 by itself."""
+    try:
+        store = open_store(settings, readonly=False, check_model=False)
+    except StoreError:
+        return None, True  # a new index
+    with store:
+        if rebuild or not store.documents():
+            store.forget_hashes()
+            return None, True
+        was, now = store.setting(CHUNKING), chunking_id(settings)
+    if was == now:
+        return None, True
+    return (
+        f"files indexed before keep their chunks ({was or 'from before chunk sizes in characters'}; "
+        f"now: {now}); run `rag ingest --rebuild` to cut them again"
+    ), False
+
+
 @app.command("ingest")
 @user_errors
 def ingest_cmd(
     paths: Annotated[list[Path], typer.Argument(help="Files or folders to ingest (recursively).")],
     prune: Annotated[bool, typer.Option("--prune", help="Delete indexed documents missing on disk.")] = False,
+    rebuild: Annotated[
+        bool, typer.Option("--rebuild", help="Chunk and embed every file again, changed or not.")
+    ] = False,
     index: IndexOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Add new or changed files to the index; unchanged files are skipped by content hash."""
-    report = run_ingest(paths, settings_for(index), prune, show_progress=not as_json)
+    settings = settings_for(index)
+    note, uniform = chunking_note(settings, rebuild)
+    report = run_ingest(paths, settings, prune, show_progress=not as_json)
+    if uniform:
+        with open_store(settings, readonly=False, check_model=False) as store:
+            store.set_setting(CHUNKING, chunking_id(settings))
     if as_json:
-        return emit_json(report.to_dict())
+        return emit_json(report.to_dict() | {"note": note})
+    if note:
+        err_console.print(f"[yellow]Note:[/] {escape(note)}", highlight=False)
     summary = (
         f"[green]{report.ingested}[/] ingested, {report.unchanged} unchanged, {report.chunks} chunks, "
         f"{len(report.skipped)} skipped"
@@ -409,8 +443,12 @@ def serve_cmd(
 @user_errors
 def eval_retrieval_cmd(
     beir: Annotated[
-        Path, typer.Option("--beir", help="BEIR dataset folder (corpus.jsonl, queries.jsonl, qrels/).")
-    ],
+        Path | None, typer.Option("--beir", help="BEIR dataset folder (corpus.jsonl, queries.jsonl, qrels/).")
+    ] = None,
+    squad: Annotated[
+        Path | None,
+        typer.Option("--squad", help="SQuAD-format JSON (SQuAD, XQuAD): find each question's paragraph."),
+    ] = None,
     split: Annotated[
         str | None,
         typer.Option("--split", help="Qrels split: qrels/SPLIT.tsv (default: test, else dev, else train)."),
@@ -419,12 +457,22 @@ def eval_retrieval_cmd(
         int | None, typer.Option("--limit-queries", min=1, help="Evaluate only the first N queries.")
     ] = None,
     index: Annotated[
-        Path | None, typer.Option("--index", help="Index folder (default: a cache folder keyed by corpus).")
+        Path | None,
+        typer.Option(
+            "--index",
+            help="Index folder (default: BEIR a cache folder keyed by corpus, SQuAD a temporary one).",
+        ),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """nDCG@10, Recall@100 and MRR@10 of dense, bm25 and hybrid retrieval on a BEIR dataset."""
+    """Dense, bm25 and hybrid retrieval on a BEIR dataset (nDCG@10, Recall@100, MRR@10) or on the
+    paragraphs of a SQuAD-format file (hit@1, hit@5, MRR@10, and how often fusion lost)."""
     show = not as_json
+    if (beir is None) == (squad is None):
+        raise UserError("give one of --beir DIR or --squad FILE")
+    if squad is not None:
+        return print_squad_eval(squad, index, show)
+    assert beir is not None
     picked = "" if split else " (picked: first of test, dev, train in qrels/)"
     split = pick_split(beir, split)  # before the progress bar, so a bad split is one clean line
     with ingest_progress(show) as on_progress:
@@ -451,6 +499,26 @@ def eval_retrieval_cmd(
         table.add_row(mode, f"{m['ndcg@10']:.4f}", f"{m['recall@100']:.4f}", f"{m['mrr@10']:.4f}")
     console.print(table)
     console.print(f"split: {split}{picked}\nindex: {result['index']}", highlight=False)
+
+
+def print_squad_eval(squad: Path, index: Path | None, show: bool) -> None:
+    with ingest_progress(show) as on_progress:
+        result = run_squad(
+            squad, get_settings(), index_dir=index, on_progress=on_progress, show_progress=show
+        )
+    if not show:
+        return emit_json(result)
+    title = f"{squad.name}: {result['queries']} questions, {result['paragraphs']} paragraphs"
+    table = Table("mode", "hit@1", "hit@5", "MRR@10", title=title)
+    for mode in ("dense", "bm25", "hybrid"):
+        m = result[mode]
+        table.add_row(mode, f"{m['hit@1']:.4f}", f"{m['hit@5']:.4f}", f"{m['mrr@10']:.4f}")
+    console.print(table)
+    console.print(
+        f"hybrid put the gold paragraph below the better single mode for {result['fusion_below_best']:.1%} "
+        f"of the questions, above it for {result['fusion_above_best']:.1%}; {result['chunks']} chunks",
+        highlight=False,
+    )
 
 
 @eval_app.command("reader")

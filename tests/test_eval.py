@@ -9,9 +9,13 @@ import random
 import ir_measures
 import pytest
 from ir_measures import RR, R, nDCG
+from typer.testing import CliRunner
 
+from rag.cli import app
 from rag.eval import (
     evaluate,
+    fusion_shares,
+    hit_metrics,
     load_beir,
     mrr_at_k,
     ndcg_at_k,
@@ -19,6 +23,7 @@ from rag.eval import (
     ranked,
     read_qrels,
     recall_at_k,
+    run_squad,
 )
 
 
@@ -142,3 +147,80 @@ def test_scifact_default_split_is_one_it_has(shared_data):
 def test_scifact_qrels_shape(shared_data):
     qrels = read_qrels(shared_data / "beir" / "scifact" / "qrels" / "train.tsv")
     assert len(qrels) == 809
+
+
+def test_hit_metrics_and_fusion_shares_by_hand():
+    assert hit_metrics([1, 2, None, 6]) == {
+        "hit@1": 0.25,
+        "hit@5": 0.5,
+        "mrr@10": pytest.approx((1 + 1 / 2 + 1 / 6) / 4),
+    }
+    assert hit_metrics([11])["mrr@10"] == 0.0
+    with pytest.raises(ValueError, match="no queries"):
+        hit_metrics([])
+    ranks = {"dense": [1, 3, None, 2], "bm25": [2, 1, 4, None], "hybrid": [1, 2, 3, 2]}
+    # query 2: hybrid 2 below bm25's 1; query 3: hybrid 3 above the best 4; ties count as neither
+    assert fusion_shares(ranks) == {"fusion_below_best": 0.25, "fusion_above_best": 0.25}
+
+
+# A SQuAD-format file in three languages: each question should find its own paragraph.
+PARAGRAPHS = {
+    "Glaciers": (
+        "Glaciers form where snow accumulates faster than it melts; under its own weight the snow "
+        "compacts into dense ice that flows slowly downhill and carves U-shaped valleys.",
+        ["How do glaciers carve valleys?", "What does snow compact into?"],
+    ),
+    "Байкал": (
+        "Байкал — самое глубокое озеро на планете: его глубина достигает 1642 метров, а в озере "
+        "содержится около двадцати процентов мировых запасов пресной воды.",
+        ["Какова глубина озера Байкал?", "Сколько пресной воды содержится в Байкале?"],
+    ),
+    "Pivo": (
+        "Plzeňské pivo se vaří z chmele, ječného sladu a měkké vody již od roku 1842; pivovar dnes "
+        "ročně vyrobí přes milion hektolitrů piva.",
+        ["Z čeho se vaří plzeňské pivo?", "Kolik hektolitrů vyrobí pivovar?"],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def squad_file(tmp_path_factory):
+    data = [
+        {"title": title, "paragraphs": [{"context": text, "qas": [
+            {"id": f"{title}-{i}", "question": q, "answers": [{"text": text.split()[0], "answer_start": 0}]}
+            for i, q in enumerate(questions)
+        ]}]}
+        for title, (text, questions) in PARAGRAPHS.items()
+    ]  # fmt: skip
+    path = tmp_path_factory.mktemp("squad") / "mixed.json"
+    path.write_text(json.dumps({"data": data}, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def test_run_squad_through_the_ingest_pipeline(squad_file, tmp_path):
+    from rag.config import Settings
+
+    result = run_squad(squad_file, Settings(), index_dir=tmp_path / "index")
+    assert (result["queries"], result["paragraphs"], result["chunks"]) == (6, 3, 3)
+    assert result["hybrid"] == {"hit@1": 1.0, "hit@5": 1.0, "mrr@10": 1.0}
+    assert result["bm25"]["hit@1"] == 1.0 and result["fusion_below_best"] == 0.0
+    again = run_squad(squad_file, Settings(), index_dir=tmp_path / "index")  # the kept index is reused
+    assert again["ingest"]["unchanged"] == 3 and again["hybrid"] == result["hybrid"]
+
+
+def test_eval_retrieval_squad_command(squad_file, monkeypatch, tmp_path):
+    monkeypatch.setenv("RAG_INDEX_DIR", str(tmp_path / "unused"))  # a temporary index, not this one
+    runner = CliRunner()
+    result = runner.invoke(app, ["eval", "retrieval", "--squad", str(squad_file), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert set(report) >= {"dense", "bm25", "hybrid", "fusion_below_best", "fusion_above_best"}
+    assert report["index"] is None and not (tmp_path / "unused").exists()
+    table = runner.invoke(app, ["eval", "retrieval", "--squad", str(squad_file)], env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and "hit@1" in table.stdout and "below the better single mode" in table.stdout
+    both = runner.invoke(app, ["eval", "retrieval", "--squad", str(squad_file), "--beir", str(tmp_path)])
+    assert both.exit_code == 1 and "one of --beir DIR or --squad FILE" in both.output
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    result = runner.invoke(app, ["eval", "retrieval", "--squad", str(bad)])
+    assert result.exit_code == 1 and "not SQuAD" in result.output and "Traceback" not in result.output
