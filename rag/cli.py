@@ -26,7 +26,8 @@ from bench.cli import app as bench_app
 from rag.answer import DEFAULT_MAX_NEW_TOKENS, Answer, Reader, ReaderUnavailable, ask_stream, drain
 from rag.config import Settings, get_settings
 from rag.embed import get_embedder
-from rag.eval import evaluate_reader, pick_split, run_beir, run_squad
+from rag.eval import pick_split, run_beir, run_squad
+from rag.eval_reader import evaluate_reader
 from rag.fallback import search_only
 from rag.ingest.chunker import chunking_id
 from rag.ingest.job import IngestReport, ProgressEvent, ingest
