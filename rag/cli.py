@@ -27,7 +27,7 @@ from rag.answer import DEFAULT_MAX_NEW_TOKENS, Answer, Reader, ReaderUnavailable
 from rag.config import Settings, get_settings
 from rag.embed import get_embedder
 from rag.eval import pick_split, run_beir, run_squad
-from rag.eval_reader import evaluate_reader
+from rag.eval_reader import evaluate_reader, save_reader_calibration
 from rag.fallback import search_only
 from rag.ingest.chunker import chunking_id
 from rag.ingest.job import IngestReport, ProgressEvent, ingest
@@ -567,6 +567,34 @@ def eval_reader_cmd(
     predictions: Annotated[
         Path | None, typer.Option("--predictions", help="Write every example's outputs and scores (JSONL).")
     ] = None,
+    grounded: Annotated[
+        bool,
+        typer.Option(
+            "--grounded/--free",
+            help="Warm-started reader: answer with a span of one source (default) or decode freely.",
+        ),
+    ] = True,
+    calibrate: Annotated[
+        int | None,
+        typer.Option(
+            "--calibrate",
+            min=1,
+            help="Warm-started reader: first choose the abstention margin on N other questions of the file.",
+        ),
+    ] = None,
+    save_calibration: Annotated[
+        bool,
+        typer.Option(
+            "--save-calibration",
+            help="Write the margin chosen by --calibrate next to the model (reader.json).",
+        ),
+    ] = False,
+    margin: Annotated[
+        float | None,
+        typer.Option(
+            "--margin", help="Warm-started reader: abstain below this margin (default: calibrated)."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """EM, F1, citation precision and abstention of the reader on SQuAD, next to a word-overlap baseline."""
@@ -587,7 +615,14 @@ def eval_reader_cmd(
         device=device or settings.device,
         predictions=predictions,
         show_progress=True,  # stderr: stdout stays one JSON value
+        grounded=grounded,
+        calibrate=calibrate,
+        abstain_margin=margin,
     )
+    if save_calibration:
+        if result.get("calibrated_on") is None:
+            raise typer.BadParameter("--save-calibration needs --calibrate N and a warm-started reader")
+        save_reader_calibration(model, result)
     if as_json:
         return emit_json(result)
     build = result["build"]
@@ -610,6 +645,17 @@ def eval_reader_cmd(
         ),
         highlight=False,
     )
+    if "latency" in result:
+        console.print(
+            f"abstention margin {result['abstain_margin']:.3f}"
+            + (
+                f" (calibrated on {result['calibrated_on']} other questions)"
+                if result["calibrated_on"]
+                else ""
+            )
+            + f"; SQuAD 2.0-style score {result['abstention_score']:.4f}; answer latency {result['latency']}",
+            highlight=False,
+        )
 
 
 if __name__ == "__main__":

@@ -314,3 +314,20 @@ def evaluate_reader(
             "abstention_score": abstention_score(model_rows),
         }
     return result
+
+
+def save_reader_calibration(model_dir: str | Path, result: dict) -> Path:
+    """Write the calibrated abstention margin next to the checkpoint (rag.answer.CALIBRATION_FILE),
+    where Reader.load finds it, with what it was chosen on."""
+    from rag.answer import CALIBRATION_FILE
+
+    path = Path(model_dir) / CALIBRATION_FILE
+    record = {
+        "abstain_margin": result["abstain_margin"],
+        "calibrated_on_questions": result["calibrated_on"],
+        "squad": Path(result["squad"]).name,
+        "seed": result["seed"],
+        "objective": "SQuAD 2.0-style score: F1 on answerable rows, 1 for abstaining on unanswerable ones",
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -90,6 +91,31 @@ def load_checkpoint(path, device="cpu") -> tuple[GPT, Tokenizer]:
     load_weights(model, path)
     tokenizer = load_tokenizer(_require(path / TOKENIZER_FILE))
     return model.to(device).eval(), tokenizer
+
+
+def export_checkpoint(run_dir, out_dir, fp16: bool = True) -> int:
+    """Write a run's model (weights, fp16 if asked; config; tokenizer) into out_dir, replacing the
+    folder whole (written beside it, then renamed), and return the weights' size in bytes.
+
+    fp16 halves the file; loading casts back to the model's float32 (lossless for inference here:
+    bf16-trained weights fit fp16's range)."""
+    model, tokenizer = load_checkpoint(run_dir)
+    if fp16:
+        model = model.half()
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".new")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_checkpoint(tmp, model, tokenizer)
+    old = out_dir.with_name(out_dir.name + ".old")
+    if out_dir.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old.exists():
+        shutil.rmtree(old)
+    return (out_dir / WEIGHTS_FILE).stat().st_size
 
 
 def has_train_state(path) -> bool:

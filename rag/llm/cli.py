@@ -329,5 +329,83 @@ def reader_data(
     )
 
 
+@app.command("span-data")
+@_friendly
+def span_data(
+    squad: Annotated[
+        Path, typer.Option(help="SQuAD v1.1 JSON (.json or .json.gz), e.g. train-v1.1.json.gz.")
+    ],
+    out: Annotated[Path, typer.Option(help="JSONL file to write (rows for `rag train reader`).")],
+    model: Annotated[
+        Path | None,
+        typer.Option(help="Reader checkpoint whose tokenizer to use (default: the bundled MiniLM's)."),
+    ] = None,
+    negatives: Annotated[
+        float,
+        typer.Option(min=0.0, help="No-answer rows per question (a same-article paragraph without it)."),
+    ] = 0.6,
+    limit: Annotated[int | None, typer.Option(min=1, help="Use a seeded sample of N questions.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of source numbers, negatives and the sample.")] = 0,
+) -> None:
+    """Rows for the warm-started reader: one (question, source) prompt each, the answer span + [n], or EOS."""
+    from rag.llm.tokenizer import load_tokenizer
+    from rag.llm.warmstart import minilm_dir
+    from rag.span_data import write_span_rows
+
+    tokenizer = load_tokenizer(model or minilm_dir())
+    stats = write_span_rows(squad, tokenizer, out, limit=limit, progress=True, negatives=negatives, seed=seed)
+    skipped = ", ".join(f"{k} {v}" for k, v in stats.skipped.items()) or "none"
+    console.print(
+        f"{out}: {stats.answer_rows:,} answer rows and {stats.no_answer_rows:,} no-answer rows from "
+        f"{stats.questions:,} questions; skipped: {skipped}",
+        highlight=False,
+    )
+
+
+@app.command("reader")
+@_friendly
+def reader(
+    data: Annotated[Path, typer.Option(help="Span rows from `rag train span-data`.")],
+    preset: Annotated[str, typer.Option(help="Training + model preset.")] = "minilm-reader",
+    init: Annotated[
+        str | None, typer.Option("--init", help="'minilm' (the warm start, default) or a checkpoint folder.")
+    ] = None,
+    out: Out = None,
+    max_steps: MaxSteps = None,
+    lr: Lr = None,
+    resume: Resume = False,
+    device: Device = "auto",
+    sets: Sets = None,
+) -> None:
+    """Fine-tune the warm-started reader (all-MiniLM-L6-v2 as a prefix-LM with a copy head) on span rows.
+
+    Resumable: --resume continues the run in --out from its last checkpoint (saved every eval)."""
+    from rag.llm.span_train import train_reader
+    from rag.llm.train import shutdown_runtime
+
+    given = dict(max_steps=max_steps, lr=lr, resume=resume, device=device, init_from=init)
+    cfg = _config(preset, sets, out_dir=str(out or Path("runs") / "reader-cpu" / "sft"), **given)
+    try:
+        _report(train_reader(cfg, data), cfg.out_dir)
+    finally:
+        shutdown_runtime()
+
+
+@app.command("export")
+@_friendly
+def export(
+    run: Annotated[Path, typer.Option("--run", help="Checkpoint folder of a training run.")],
+    out: Annotated[Path, typer.Option(help="Folder to write the shipped model to (e.g. models/reader).")],
+    fp16: Annotated[
+        bool, typer.Option(help="Store weights as float16 (half the size; loaded as float32).")
+    ] = True,
+) -> None:
+    """Copy a run's weights, config and tokenizer (no optimizer state) into a model folder."""
+    from rag.llm.checkpoint import export_checkpoint
+
+    size = export_checkpoint(run, out, fp16=fp16)
+    console.print(f"{out}: model.safetensors {size / 1e6:.1f} MB, config.json, tokenizer.json")
+
+
 if __name__ == "__main__":  # torchrun --nproc_per_node=N -m rag.llm.cli lm ...
     app()
