@@ -27,7 +27,7 @@ from rag.answer import DEFAULT_MAX_NEW_TOKENS, Answer, Reader, ReaderUnavailable
 from rag.config import Settings, get_settings
 from rag.embed import get_embedder
 from rag.eval import pick_split, run_beir, run_squad
-from rag.eval_reader import evaluate_reader, save_reader_calibration
+from rag.eval_reader import evaluate_reader, evaluate_reader_open, save_reader_calibration
 from rag.fallback import search_only
 from rag.ingest.chunker import chunking_id
 from rag.ingest.job import IngestReport, ProgressEvent, ingest
@@ -595,6 +595,25 @@ def eval_reader_cmd(
             "--margin", help="Warm-started reader: abstain below this margin (default: calibrated)."
         ),
     ] = None,
+    open_mode: Annotated[
+        bool,
+        typer.Option(
+            "--open",
+            help="Ingest every paragraph of the file into a temporary index and answer over the real "
+            "retriever's top-k (adds retrieval_hit@k).",
+        ),
+    ] = False,
+    k: Annotated[int, typer.Option("-k", "--k", min=1, max=20, help="With --open: chunks retrieved.")] = 5,
+    mode: Annotated[str, typer.Option("--mode", help="With --open: hybrid, dense or bm25.")] = "hybrid",
+    unanswerable: Annotated[
+        float,
+        typer.Option(
+            "--unanswerable",
+            min=0.0,
+            max=1.0,
+            help="With --open: share of questions asked with their gold paragraph taken out (abstain).",
+        ),
+    ] = 0.0,
     as_json: JsonOpt = False,
 ) -> None:
     """EM, F1, citation precision and abstention of the reader on SQuAD, next to a word-overlap baseline."""
@@ -603,6 +622,35 @@ def eval_reader_cmd(
     settings = get_settings()
     squad = squad or shared_data_dir() / "squad" / "dev-v1.1-part-a.json"
     model = model or settings.model_dir
+    if open_mode:
+        result = evaluate_reader_open(
+            model,
+            squad,
+            settings,
+            limit=limit,
+            seed=seed,
+            k=k,
+            mode=mode,
+            unanswerable=unanswerable,
+            device=device or settings.device,
+            grounded=grounded,
+            abstain_margin=margin,
+            predictions=predictions,
+            show_progress=True,
+        )
+        if as_json:
+            return emit_json(result)
+        table = Table("metric", "model", "baseline", title=f"{squad.name}, open ({mode}, k={k})")
+        for metric, value in result["model"].items():
+            base = result["baseline"][metric]
+            table.add_row(metric, *("n/a" if v is None else f"{v:.4f}" for v in (value, base)))
+        console.print(table)
+        console.print(
+            f"{result['examples']} questions ({result['unanswerable']} without their paragraph); "
+            f"retrieval_hit@{k} {result[f'retrieval_hit@{k}']:.4f}; latency {result['latency']}",
+            highlight=False,
+        )
+        return None
     result = evaluate_reader(
         model,
         squad,

@@ -331,3 +331,117 @@ def save_reader_calibration(model_dir: str | Path, result: dict) -> Path:
     }
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
+
+
+# ------------------------------------------------------------------------------------ open mode
+# The whole pipeline: every paragraph of the file is ingested (rag.eval.squad_corpus, as the
+# paragraph-retrieval evaluation does), each question is answered over the real retriever's top-k,
+# and `unanswerable` of the questions are asked with their gold paragraph (and every paragraph naming
+# a gold answer) taken out of the results, so the right answer is to abstain.
+
+
+def evaluate_reader_open(
+    model_dir: str | Path,
+    squad_path: str | Path,
+    settings,
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    k: int = DEFAULT_SOURCES,
+    mode: str = "hybrid",
+    unanswerable: float = 0.0,
+    device: str = "cpu",
+    grounded: bool = True,
+    abstain_margin: float | None = None,
+    predictions: str | Path | None = None,
+    show_progress: bool = False,
+) -> dict:
+    """EM, F1, citations, abstention and retrieval_hit@k of the reader over retrieved chunks."""
+    import random
+    import tempfile
+
+    from rag.embed import get_embedder
+    from rag.eval import squad_corpus
+    from rag.ingest.job import ingest
+    from rag.prompt import Prompt
+    from rag.reader_data import select_questions
+    from rag.retrieve import Retriever
+    from rag.squad import mentions_answer
+    from rag.store import Store
+
+    if not 0.0 <= unanswerable <= 1.0:
+        raise ValueError(f"unanswerable must be in [0, 1], got {unanswerable}")
+    reader, _ = load_reader(model_dir, device)
+    if abstain_margin is not None:
+        reader.abstain_margin = abstain_margin
+    squad = load_squad(squad_path)
+    docs, _ = squad_corpus(squad)
+    config = GenerationConfig(max_new_tokens=reader.max_new_tokens, grounded=grounded)
+    model_rows, baseline_rows, hits_at_k, ms = [], [], [], []
+    with ExitStack() as stack:
+        out = None
+        if predictions is not None:
+            Path(predictions).parent.mkdir(parents=True, exist_ok=True)
+            out = stack.enter_context(Path(predictions).open("w", encoding="utf-8"))
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rag-open-")))
+        (tmp / "docs").mkdir()
+        for stem, text in docs.items():
+            (tmp / "docs" / f"{stem}.txt").write_text(text, encoding="utf-8")
+        settings = settings.model_copy(update={"index_dir": tmp / "index"})
+        ingest([tmp / "docs"], settings)
+        store = stack.enter_context(
+            Store(settings.index_dir, embedding_model=settings.embedding_model, readonly=True)
+        )
+        retriever = Retriever(store, get_embedder(settings.embedding_model, settings.device))
+        chosen = select_questions(len(squad.questions), limit, seed)
+        for i in tqdm(chosen, desc="open reader eval", unit="q", disable=not show_progress):
+            q = squad.questions[i]
+            if not q.answers:
+                continue
+            gold_stem = f"a{q.article:04d}-p{q.paragraph:04d}"
+            drop = random.Random(f"{seed}:{q.id}:open").random() < unanswerable
+            hits = retriever.search(q.question, k + (4 * k if drop else 0), mode)
+            if drop:  # as if those paragraphs were not in the index
+                hits = [
+                    h
+                    for h in hits
+                    if Path(h.path).stem != gold_stem and not mentions_answer(h.text, q.answers)
+                ]
+                hits = hits[:k]
+            stems = [Path(h.path).stem for h in hits]
+            answer = reader.answer(q.question, hits, config)
+            gold = None if drop else (stems.index(gold_stem) + 1 if gold_stem in stems else 0)
+            ex = ReaderExample(
+                q.id, q.question, q.answers, Prompt([], answer.sources, q.question), gold, "", k
+            )
+            model_rows.append(score_reader_output(answer.text, ex))
+            baseline_rows.append(_baseline(ex))
+            ms.append({"ms": answer.timings["generate_ms"] + answer.timings.get("retrieve_ms", 0.0)})
+            if not drop:
+                hits_at_k.append(gold_stem in stems)
+            if out is not None:
+                row = {
+                    "id": q.id,
+                    "question": q.question,
+                    "answers": q.answers,
+                    "model": model_rows[-1],
+                    "baseline": baseline_rows[-1],
+                    "unanswerable": drop,
+                }
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return {
+        "model": summarize_reader(model_rows),
+        "baseline": summarize_reader(baseline_rows),
+        f"retrieval_hit@{k}": sum(hits_at_k) / max(len(hits_at_k), 1),
+        "examples": len(model_rows),
+        "unanswerable": sum(r["gold"] is None for r in model_rows),
+        "paragraphs": len(docs),
+        "mode": mode,
+        "k": k,
+        "abstain_margin": reader.abstain_margin,
+        "latency": latency(ms),
+        "squad": str(squad_path),
+        "model_dir": str(model_dir),
+        "seed": seed,
+        "grounded": grounded,
+    }
