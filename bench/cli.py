@@ -158,3 +158,19 @@ def search_cmd(
     from bench.search import run
 
     _show("Search latency", run(chunks, queries, k, threads=threads), as_json)
+
+
+@app.command("answer")
+def answer_cmd(
+    model: Path | None = typer.Option(
+        None, help="Reader checkpoint (default: RAG_MODEL_DIR or models/reader)."
+    ),
+    questions: int = typer.Option(40, min=2, help="SQuAD dev questions timed (each with and without cache)."),
+    k: int = typer.Option(5, min=1, max=20, help="Sources retrieved per answer."),
+    threads: int = typer.Option(2, min=1, help="Torch threads (answers use both cores)."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """p50/p95 of one cited answer over k sources (retrieve, prefill, decode, cite), KV cache vs none."""
+    from bench.answer import run
+
+    _run_lm_bench("Answer latency", as_json, threads, run, model_dir=model, questions=questions, k=k)

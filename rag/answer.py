@@ -253,8 +253,8 @@ class Reader:
             yield ABSTAIN
             timings = {"generate_ms": 0.0, "prompt_tokens": 0, "new_tokens": 0}
             return Answer(question, ABSTAIN, True, [], [], "no_sources", timings)
-        start = time.perf_counter()
-        reads = self.source_reader.read(prompts, config.grounded, config.max_new_tokens)
+        start, timings = time.perf_counter(), {}
+        reads = self.source_reader.read(prompts, config.grounded, config.max_new_tokens, timings=timings)
         best = self.choose(reads)
         if best is None:
             text, evidence = ABSTAIN, []
@@ -266,11 +266,14 @@ class Reader:
         else:
             text, evidence = self.tokenizer.decode(best.token_ids, skip_special=True).strip(), []
         yield text
-        timings = {
+        timings |= {
             "generate_ms": _ms(start),
             "prompt_tokens": sum(len(p.ids) for p in prompts),
             "new_tokens": len(best.token_ids) if best else 0,
         }
+        cite_start = time.perf_counter()
+        citations = parse_citations(text, sources)
+        timings["cite_ms"] = _ms(cite_start)
         scores = {}
         if reads:
             top = max(reads, key=lambda r: r.span_logprob)
@@ -283,7 +286,7 @@ class Reader:
             question,
             text,
             best is None,
-            parse_citations(text, sources),
+            citations,
             sources,
             "stop",
             timings,

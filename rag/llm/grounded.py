@@ -28,6 +28,7 @@ the answer's evidence.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -68,15 +69,23 @@ class SourceReader:
 
     @torch.inference_mode()
     def read(
-        self, prompts: list[SourcePrompt], grounded: bool = True, max_new_tokens: int = 48
+        self,
+        prompts: list[SourcePrompt],
+        grounded: bool = True,
+        max_new_tokens: int = 48,
+        use_cache: bool = True,
+        timings: dict[str, float] | None = None,
     ) -> list[RowRead]:
+        """Read every prompt and decode its answer; `timings` (if given) gets prefill_ms and decode_ms.
+
+        use_cache=False recomputes the whole sequence at every answer step (the benchmark's
+        baseline) instead of appending one token to the KV cache; the answers are the same."""
         model, tok = self.model, self.tokenizer
         device = model.tok_emb.weight.device
         B, lens = len(prompts), [len(p.ids) for p in prompts]
         T = max(lens)
         idx = torch.full((B, T), tok.pad_id, dtype=torch.long)
         copyable = torch.zeros(B, T, dtype=torch.bool)
-        word_start = torch.zeros(B, T, dtype=torch.bool)
         shift = [T - n for n in lens]
         for r, p in enumerate(prompts):
             idx[r, shift[r] :] = torch.tensor(p.ids)
@@ -87,22 +96,26 @@ class SourceReader:
 
         was_training = model.training
         model.eval()
+        start = time.perf_counter()
         try:
-            cache = model.new_cache(B, T + max(max_new_tokens, self.max_span) + 2)
-            out = model(
-                idx, cache=cache, pad_mask=pad_mask, prefix_len=torch.tensor(lens, device=device), head=False
-            )
-            keys = model.copy.key(out.hidden)
-            step = _Step(model, keys, copyable, idx)
+            prefix_len = torch.tensor(lens, device=device)
+            cache = model.new_cache(B, T + max(max_new_tokens, self.max_span) + 2) if use_cache else None
+            out = model(idx, cache=cache, pad_mask=pad_mask, prefix_len=prefix_len, head=False)
+            forward = None if use_cache else _Forward(model, idx, pad_mask, prefix_len)
+            step = _Step(model, model.copy.key(out.hidden), copyable, idx, cache, forward)
             dist = step(out.hidden[:, -1:])
             reads = [RowRead(r, float(dist.log_gen(r, tok.eos_id))) for r in range(B)]
+            prefilled = time.perf_counter()
             decode = self._grounded if grounded else self._free
-            decode(reads, dist, step, cache, word_start, shift, prompts, max_new_tokens)
+            decode(reads, dist, step, word_start, shift, prompts, max_new_tokens)
         finally:
             model.train(was_training)
+        if timings is not None:
+            timings["prefill_ms"] = round((prefilled - start) * 1000, 3)
+            timings["decode_ms"] = round((time.perf_counter() - prefilled) * 1000, 3)
         return reads
 
-    def _grounded(self, reads, dist, step, cache, word_start, shift, prompts, max_new_tokens) -> None:
+    def _grounded(self, reads, dist, step, word_start, shift, prompts, max_new_tokens) -> None:
         B = len(reads)
         first = dist.start_scores(word_start)  # (B, T) log p of starting at each position
         pos = first.argmax(dim=-1)
@@ -119,9 +132,9 @@ class SourceReader:
         while any(active):
             feed = step.ids.gather(1, current[:, None])
             mask = torch.tensor(active, device=feed.device)[:, None]
-            out = self.model(feed, cache=cache, pad_mask=mask, head=False, return_attn=True)
-            evidence += sum(a[:, :, 0, : evidence.size(1)].float().sum(1) for a in out.attn) * mask
-            dist = step(out.hidden)
+            hidden, attn = step.advance(feed, mask, want_attn=True)
+            evidence += sum(a[:, :, -1, : evidence.size(1)].float().sum(1) for a in attn) * mask
+            dist = step(hidden)
             for r in range(B):
                 if not active[r]:
                     continue
@@ -144,7 +157,7 @@ class SourceReader:
             a, b = shift[r] + prompts[r].text_start, shift[r] + prompts[r].text_end
             read.evidence = evidence[r, a:b].tolist()
 
-    def _free(self, reads, dist, step, cache, word_start, shift, prompts, max_new_tokens) -> None:
+    def _free(self, reads, dist, step, word_start, shift, prompts, max_new_tokens) -> None:
         """Greedy decoding of the full mixture (no constraint): the model writes its own citation."""
         eos = self.tokenizer.eos_id
         log_p = dist.log_probs()
@@ -158,8 +171,7 @@ class SourceReader:
                 read.token_ids.append(t)
         while any(active) and max(len(r.token_ids) for r in reads) < max_new_tokens:
             mask = torch.tensor(active, device=nxt.device)[:, None]
-            out = self.model(nxt[:, None], cache=cache, pad_mask=mask, head=False)
-            log_p = step(out.hidden).log_probs()
+            log_p = step(step.advance(nxt[:, None], mask)[0]).log_probs()
             nxt = log_p.argmax(dim=-1)
             for r, read in enumerate(reads):
                 if active[r]:
@@ -171,11 +183,40 @@ class SourceReader:
                         read.token_ids.append(t)
 
 
+class _Forward:
+    """Decoding without a KV cache (the benchmark's baseline): every step runs the prompts and all
+    answer tokens so far through the model again; finished rows are fed padding, as with a cache."""
+
+    def __init__(self, model: GPT, idx: Tensor, pad_mask: Tensor, prefix_len: Tensor):
+        self.model, self.idx, self.pad_mask, self.prefix_len = model, idx, pad_mask, prefix_len
+
+    def __call__(self, feed: Tensor, mask: Tensor, want_attn: bool) -> tuple[Tensor, list[Tensor] | None]:
+        self.idx = torch.cat([self.idx, feed], dim=1)
+        self.pad_mask = torch.cat([self.pad_mask, mask], dim=1)
+        out = self.model(
+            self.idx, pad_mask=self.pad_mask, prefix_len=self.prefix_len, head=False, return_attn=want_attn
+        )
+        return out.hidden[:, -1:], out.attn
+
+
 class _Step:
     """Keys and ids of the prefilled sources; called with answer-step hidden states (B, 1, d)."""
 
-    def __init__(self, model: GPT, keys: Tensor, copyable: Tensor, ids: Tensor):
+    def __init__(
+        self, model: GPT, keys: Tensor, copyable: Tensor, ids: Tensor, cache, forward: _Forward | None
+    ):
         self.model, self.keys, self.copyable, self.ids = model, keys, copyable, ids
+        self.cache, self.forward = cache, forward
+
+    def advance(
+        self, feed: Tensor, mask: Tensor, want_attn: bool = False
+    ) -> tuple[Tensor, list[Tensor] | None]:
+        """Feed one token per row (mask False: a finished row, fed as padding): the new hidden state
+        (B, 1, d) and, if wanted, each layer's attention of that step."""
+        if self.forward is not None:
+            return self.forward(feed, mask, want_attn)
+        out = self.model(feed, cache=self.cache, pad_mask=mask, head=False, return_attn=want_attn)
+        return out.hidden, out.attn
 
     def __call__(self, hidden: Tensor) -> _Dist:
         log_copy, gate = self.model.copy.pointer(hidden, self.keys, self.copyable)

@@ -232,3 +232,22 @@ def test_span_task_overfits_a_few_rows(tokenizer, tmp_path):
         loss.backward()
         optimizer.step()
     assert float(loss) < 0.1 * first and float(metrics["start_acc"]) == 1.0
+
+
+@pytest.mark.parametrize("grounded", [True, False])
+def test_decoding_without_the_cache_gives_the_same_answers(tokenizer, grounded):
+    """The benchmark's no-cache baseline recomputes every step; answers and scores must not move."""
+    model = small_copy_model(5)
+    prompts = [
+        build_source_prompt(tokenizer, "Who lives there?", s.__class__(**{**s.__dict__, "n": i}), 200)
+        for i, s in enumerate([SOURCES[0], SOURCES[1], SOURCES[3]], 1)
+    ]
+    reader = SourceReader(model, tokenizer)
+    timings: dict[str, float] = {}
+    cached = reader.read(prompts, grounded, max_new_tokens=6, timings=timings)
+    plain = reader.read(prompts, grounded, max_new_tokens=6, use_cache=False)
+    assert set(timings) == {"prefill_ms", "decode_ms"}
+    for a, b in zip(cached, plain, strict=True):
+        assert (a.span, a.token_ids) == (b.span, b.token_ids)
+        assert a.span_logprob == pytest.approx(b.span_logprob, abs=1e-4)
+        assert a.evidence == pytest.approx(b.evidence, abs=1e-4)
