@@ -50,12 +50,34 @@ def plain(text: str) -> str:
     return MARKDOWN_SPECIAL.sub(r"\\\g<0>", text)
 
 
-def show_passage(n: int, passage: dict, note: str) -> None:
-    """A numbered passage with what cites it: title, page, exact character span, then the text."""
+def show_passage(n: int, passage: dict, note: str, marks: list[tuple[int, int, str]] | None = None) -> None:
+    """A numbered passage with what cites it: title, page, exact character span, then the text,
+    verbatim, or with `marks` (page offsets, a style) highlighted: the quoted answer, the evidence."""
     title = plain(passage["title"] or passage["path"])
     st.markdown(f"**[{n}] {title}** · page {passage['page']} · chars {passage['start']}–{passage['end']}")
     st.caption(f"{plain(passage['path'])} · {note}")
-    st.code(passage["text"], language=None, wrap_lines=True)  # verbatim: passages are not our markup
+    if not marks:
+        st.code(passage["text"], language=None, wrap_lines=True)  # verbatim: passages are not our markup
+        return
+    st.markdown(highlighted(passage["text"], passage["start"], marks))
+
+
+def highlighted(text: str, offset: int, marks: list[tuple[int, int, str]]) -> str:
+    """`text` (starting at page offset `offset`) as escaped markdown with the marked spans styled;
+    overlapping marks: the first one given wins."""
+    styles: list[str | None] = [None] * len(text)
+    for start, end, style in reversed(marks):  # earlier marks drawn last, so they win
+        for i in range(max(start - offset, 0), min(end - offset, len(text))):
+            styles[i] = style
+    out, i = [], 0
+    while i < len(text):
+        j = i
+        while j < len(text) and styles[j] == styles[i]:
+            j += 1
+        piece = plain(text[i:j]).replace("\n", "  \n")
+        out.append(piece if styles[i] is None else f"{styles[i]}[{piece}]")
+        i = j
+    return "".join(out)
 
 
 def show_hits(hits: list[dict]) -> None:
@@ -150,15 +172,26 @@ def show_sources(answer: dict) -> None:
             st.info("No passage matched the question, so there was nothing to answer from.")
         return
     st.markdown("**Sources**")
+    quote, evidence = answer.get("quote"), answer.get("evidence") or []
+    if evidence:
+        st.caption(":green-background[answer] · :orange-background[what the reader attended to most]")
     for source in answer["sources"]:
-        marks = [c for c in answer["citations"] if c["valid"] and c["n"] == source["n"]]
-        if not marks:
+        cites = [c for c in answer["citations"] if c["valid"] and c["n"] == source["n"]]
+        if not cites:
             note = "not cited"
-        elif all(c["supported"] for c in marks):
+        elif all(c["supported"] for c in cites):
             note = "cited · supported by this text"
         else:
             note = "cited · NOT supported by this text: check it"
-        show_passage(source["n"], source, note)
+        if source["n"] in answer.get("cut_sources", []):
+            note += " · read up to its shown end only (cut to fit the model)"
+        marks = (
+            [(quote["start"], quote["end"], ":green-background")]
+            if quote and quote["n"] == source["n"]
+            else []
+        )
+        marks += [(e["start"], e["end"], ":orange-background") for e in evidence if e["n"] == source["n"]]
+        show_passage(source["n"], source, note, marks)
 
 
 def show_turn(turn: dict) -> None:

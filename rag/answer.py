@@ -51,6 +51,7 @@ class Answer:
     evidence: list[dict] = field(default_factory=list)  # source spans the answer steps attended to most
     cut_sources: list[int] = field(default_factory=list)  # sources read only in part (their span says where)
     scores: dict[str, float] = field(default_factory=dict)  # the grounded reader's span/abstention scores
+    quote: dict | None = None  # grounded answers: the source span the text is (n, page, start, end, ...)
 
     def to_dict(self) -> dict:
         """The JSON shape shared by `rag ask --json` and `POST /v1/ask`."""
@@ -65,6 +66,7 @@ class Answer:
             "evidence": self.evidence,
             "cut_sources": self.cut_sources,
             "scores": self.scores,
+            "quote": self.quote,
         }
 
 
@@ -256,13 +258,24 @@ class Reader:
         start, timings = time.perf_counter(), {}
         reads = self.source_reader.read(prompts, config.grounded, config.max_new_tokens, timings=timings)
         best = self.choose(reads)
+        quote = None
         if best is None:
             text, evidence = ABSTAIN, []
         elif config.grounded:
             prompt = prompts[best.row]
             a, b = prompt.char_span(*best.span)
-            text = f"{prompt.source.text[a:b]} [{prompt.source.n}]"
+            src = prompt.source
+            text = f"{src.text[a:b]} [{src.n}]"
             evidence = evidence_spans(prompt, best.evidence)
+            quote = {
+                "n": src.n,
+                "doc_id": src.doc_id,
+                "path": src.path,
+                "page": src.page,
+                "start": src.start + a,
+                "end": src.start + b,
+                "text": src.text[a:b],
+            }
         else:
             text, evidence = self.tokenizer.decode(best.token_ids, skip_special=True).strip(), []
         yield text
@@ -293,6 +306,7 @@ class Reader:
             evidence=evidence,
             cut_sources=[p.source.n for p in prompts if p.cut],
             scores=scores,
+            quote=quote,
         )
 
     def choose(self, reads: Sequence[RowRead]) -> RowRead | None:

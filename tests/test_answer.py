@@ -234,8 +234,9 @@ def test_to_dict_is_the_shared_json_shape(reader, retriever) -> None:
         "evidence",
         "cut_sources",
         "scores",
+        "quote",
     ]
-    assert d["evidence"] == [] and d["cut_sources"] == []  # a from-scratch reader: no copy head
+    assert d["evidence"] == [] and d["cut_sources"] == [] and d["quote"] is None  # no copy head
     assert d["question"] == "Яке місто є столицею України?" and d["answer"] == answer.text
     (c,) = d["citations"]
     assert c["valid"] and c["supported"] and c["source"] == d["sources"][c["n"] - 1]

@@ -251,3 +251,13 @@ def test_decoding_without_the_cache_gives_the_same_answers(tokenizer, grounded):
         assert (a.span, a.token_ids) == (b.span, b.token_ids)
         assert a.span_logprob == pytest.approx(b.span_logprob, abs=1e-4)
         assert a.evidence == pytest.approx(b.evidence, abs=1e-4)
+
+
+def test_quote_is_the_exact_page_span_of_the_answer(tokenizer):
+    reader = Reader(small_copy_model(1), tokenizer, abstain_margin=-math.inf)
+    answer = reader.answer_sources("Which city?", SOURCES[:2])
+    quote = answer.quote
+    source = answer.sources[quote["n"] - 1]
+    page = " " * source.start + source.text  # the page as far as the source goes
+    assert page[quote["start"] : quote["end"]] == quote["text"]
+    assert answer.text == f"{quote['text']} [{quote['n']}]" and quote["page"] == source.page
