@@ -292,6 +292,25 @@ def print_citations(answer: Answer) -> None:
     console.print(table)
 
 
+def print_reading(answer: Answer) -> None:
+    """What the reader read (each source's document, page and the character span read; sources cut
+    to fit the model are marked), where a grounded answer was quoted from, and its evidence."""
+    if not answer.sources:
+        return
+    table = Table("n", "document", "page", "read", title="Sources read", title_justify="left")
+    for s in answer.sources:
+        cut = " [yellow](cut to fit)[/]" if s.n in answer.cut_sources else ""
+        name = escape(f"{s.title} ({Path(s.path).name})" if s.path else s.title)
+        table.add_row(str(s.n), name, str(s.page), f"chars {s.start}-{s.end}{cut}")
+    console.print(table)
+    if answer.quote:
+        q = answer.quote
+        console.print(f"[dim]quoted from \\[{q['n']}], page {q['page']}, chars {q['start']}-{q['end']}[/]")
+    for e in answer.evidence:
+        where = f"\\[{e['n']}] chars {e['start']}-{e['end']} ({e['weight']:.0%})"
+        console.print(f"[dim]evidence {where}: {escape(e['text'])}[/]", highlight=False)
+
+
 @app.command("ask")
 @user_errors
 def ask_cmd(
@@ -328,6 +347,7 @@ def ask_cmd(
         return emit_json(answer.to_dict())
     typer.echo()
     print_citations(answer)
+    print_reading(answer)
     t = answer.timings
     console.print(
         f"[dim]retrieve {t['retrieve_ms']:.0f} ms, generate {t['generate_ms']:.0f} ms, "
