@@ -221,3 +221,122 @@ def test_property_invariants_hold_for_any_text(tokenizer, text, size, overlap_fr
     chunker = Chunker(tokenizer, chunk_tokens=size, overlap=int(size * overlap_fraction))
     page = Page(1, text)
     check(chunker, page, chunker.chunk_page(page))
+
+
+# ---- sizes in characters --------------------------------------------------------------------------
+
+RUSSIAN = (
+    "Река несёт старые камни мимо тихих городов, пока инженеры измеряют течение и записывают данные. "
+    "Весной вода поднимается, и берега меняются каждый год. "
+)
+CZECH = "Řeka nese staré kameny kolem tichých měst, zatímco inženýři měří průtok a zapisují data. "
+
+
+def char_check(chunker: Chunker, page: Page, chunks: list[Chunk]) -> None:
+    check(chunker, page, chunks)
+    assert all(len(c.text) <= chunker.chunk_chars for c in chunks)
+
+
+@pytest.mark.parametrize("name", list(TEXTS))
+def test_char_sizes_keep_the_contract_on_varied_texts(tokenizer, name):
+    chunker = Chunker(tokenizer, 256, 40, chunk_chars=300, overlap_chars=60)
+    page = Page(2, TEXTS[name])
+    chunks = chunker.chunk_page(page)
+    check(chunker, page, chunks)
+    if name != "single_huge_word":  # one token longer than the limit is a chunk of its own
+        assert all(len(c.text) <= 300 for c in chunks)
+
+
+def test_cyrillic_and_latin_chunks_hold_about_as_much_text(tokenizer):
+    """By tokens, Russian chunks held a quarter of the characters of English ones."""
+    chunker = Chunker(tokenizer, 1024, 40, chunk_chars=1000, overlap_chars=200)
+    by_tokens = Chunker(tokenizer, 200, 40)
+    median = {}
+    for lang, text in {"en": prose(3000, seed=9), "ru": RUSSIAN * 60, "cs": CZECH * 60}.items():
+        page = Page(1, text)
+        chunks = chunker.chunk_page(page)
+        char_check(chunker, page, chunks)
+        median[lang] = sorted(len(c.text) for c in chunks)[len(chunks) // 2]
+        median[f"{lang} by tokens"] = sorted(len(c.text) for c in by_tokens.chunk_page(page))[
+            len(chunks) // 2
+        ]
+    assert all(800 <= median[lang] <= 1000 for lang in ("en", "ru", "cs")), median
+    assert median["ru by tokens"] < median["en by tokens"] / 3, median
+
+
+def test_overlap_in_characters(tokenizer):
+    chunker = Chunker(tokenizer, 1024, 40, chunk_chars=400, overlap_chars=100)
+    text = RUSSIAN * 20
+    chunks = chunker.chunk_page(Page(1, text))
+    shared = [a.end - b.start for a, b in zip(chunks, chunks[1:], strict=False)]
+    assert all(60 <= n <= 140 for n in shared), shared  # target 100, snapped to a word start
+    no_overlap = Chunker(tokenizer, 1024, 40, chunk_chars=400, overlap_chars=0).chunk_page(Page(1, text))
+    assert all(a.end < b.start for a, b in zip(no_overlap, no_overlap[1:], strict=False))
+
+
+def test_token_cap_still_holds_in_character_mode(tokenizer):
+    chunker = Chunker(tokenizer, 64, 8, chunk_chars=5000, overlap_chars=100)
+    page = Page(1, RUSSIAN * 10)
+    chunks = chunker.chunk_page(page)
+    check(chunker, page, chunks)  # count_tokens <= 64 for every chunk
+    assert max(len(c.text) for c in chunks) < 200
+
+
+def test_chunker_from_settings_and_bad_char_sizes(tokenizer):
+    from rag.config import Settings
+
+    chunker = Chunker.from_settings(tokenizer, Settings(chunk_chars=600, chunk_overlap_chars=50))
+    assert (chunker.chunk_chars, chunker.overlap_chars, chunker.chunk_tokens) == (600, 50, 1024)
+    tokens_only = Chunker.from_settings(
+        tokenizer, Settings(chunk_chars=0, chunk_tokens=200, chunk_overlap=40)
+    )
+    assert (tokens_only.chunk_chars, tokens_only.chunk_tokens, tokens_only.overlap) == (None, 200, 40)
+    with pytest.raises(ValueError, match="overlap_chars"):
+        Chunker(tokenizer, 100, 10, chunk_chars=100, overlap_chars=100)
+    with pytest.raises(ValueError, match="chunk_overlap_chars"):
+        Settings(chunk_chars=100, chunk_overlap_chars=200)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    text=st.lists(ALPHABET, max_size=400).map("".join),
+    chars=st.integers(20, 200),
+    overlap_fraction=st.floats(0, 0.9),
+)
+def test_property_invariants_hold_in_character_mode(tokenizer, text, chars, overlap_fraction):
+    chunker = Chunker(tokenizer, 64, 8, chunk_chars=chars, overlap_chars=int(chars * overlap_fraction))
+    page = Page(1, text)
+    check(chunker, page, chunker.chunk_page(page))
+
+
+def test_ingest_rebuild_recuts_files_after_a_size_change(tmp_path, monkeypatch, request):
+    """An index remembers how it was chunked; other sizes get a note, --rebuild cuts every file again."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from rag.cli import app
+    from rag.config import get_settings
+
+    request.addfinalizer(get_settings.cache_clear)  # after monkeypatch restores the environment
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "ru.txt").write_text(RUSSIAN * 12, encoding="utf-8")
+
+    def ingest(*flags: str, chars: int) -> dict:
+        monkeypatch.setenv("RAG_CHUNK_CHARS", str(chars))
+        get_settings.cache_clear()
+        args = ["ingest", str(docs), "--index", str(tmp_path / "index"), "--json", *flags]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    first = ingest(chars=1000)
+    assert (first["ingested"], first["note"]) == (1, None)
+    later = ingest(chars=500)
+    assert later["unchanged"] == 1 and "rag ingest --rebuild" in later["note"]
+    assert "1000 characters" in later["note"] and "now: 500 characters" in later["note"]
+    rebuilt = ingest("--rebuild", chars=500)
+    assert (rebuilt["ingested"], rebuilt["note"]) == (1, None) and rebuilt["chunks"] > first["chunks"]
+    settled = ingest(chars=500)
+    assert (settled["unchanged"], settled["note"]) == (1, None)
