@@ -211,14 +211,19 @@ ALPHABET = st.sampled_from(
 )
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     text=st.lists(ALPHABET, max_size=400).map("".join),
     size=st.integers(16, 40),
     overlap_fraction=st.floats(0, 0.9),
+    chars=st.one_of(st.none(), st.integers(20, 200)),  # None: sizes in tokens only
 )
-def test_property_invariants_hold_for_any_text(tokenizer, text, size, overlap_fraction):
-    chunker = Chunker(tokenizer, chunk_tokens=size, overlap=int(size * overlap_fraction))
+def test_property_invariants_hold_for_any_text(tokenizer, text, size, overlap_fraction, chars):
+    overlap = int(size * overlap_fraction)
+    overlap_chars = 0 if chars is None else int(chars * overlap_fraction)
+    chunker = Chunker(
+        tokenizer, chunk_tokens=size, overlap=overlap, chunk_chars=chars, overlap_chars=overlap_chars
+    )
     page = Page(1, text)
     check(chunker, page, chunker.chunk_page(page))
 
@@ -295,18 +300,6 @@ def test_chunker_from_settings_and_bad_char_sizes(tokenizer):
         Chunker(tokenizer, 100, 10, chunk_chars=100, overlap_chars=100)
     with pytest.raises(ValueError, match="chunk_overlap_chars"):
         Settings(chunk_chars=100, chunk_overlap_chars=200)
-
-
-@settings(max_examples=25, deadline=None)
-@given(
-    text=st.lists(ALPHABET, max_size=400).map("".join),
-    chars=st.integers(20, 200),
-    overlap_fraction=st.floats(0, 0.9),
-)
-def test_property_invariants_hold_in_character_mode(tokenizer, text, chars, overlap_fraction):
-    chunker = Chunker(tokenizer, 64, 8, chunk_chars=chars, overlap_chars=int(chars * overlap_fraction))
-    page = Page(1, text)
-    check(chunker, page, chunker.chunk_page(page))
 
 
 def test_ingest_rebuild_recuts_files_after_a_size_change(tmp_path, monkeypatch, request):
