@@ -21,7 +21,7 @@ from typing import TypeVar
 from rag.citations import Citation, parse_citations
 from rag.llm.checkpoint import load_checkpoint
 from rag.llm.generate import CompiledDecoder, GenerationConfig, stream
-from rag.llm.grounded import RowRead, SourceReader, evidence_spans
+from rag.llm.grounded import DEFAULT_STARTS, RowRead, SourceReader, evidence_spans
 from rag.llm.model import GPT
 from rag.llm.tokenizer import Tokenizer
 from rag.prompt import ABSTAIN, Prompt, Source, SourcePrompt, build_prompt, build_source_prompt
@@ -150,6 +150,7 @@ class Reader:
         max_new_tokens: int | None = None,
         decoder: CompiledDecoder | None = None,
         abstain_margin: float = DEFAULT_ABSTAIN_MARGIN,
+        starts: int = DEFAULT_STARTS,
     ):
         """max_new_tokens: the default answer room, DEFAULT_MAX_NEW_TOKENS, or half the context of
         a model too small for that."""
@@ -159,7 +160,7 @@ class Reader:
             max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, self.block_size // 2)
         self.max_new_tokens = max_new_tokens
         self._check_room(max_new_tokens)
-        self.source_reader = SourceReader(model, tokenizer) if model.copy is not None else None
+        self.source_reader = SourceReader(model, tokenizer, starts=starts) if model.copy is not None else None
         self.abstain_margin = abstain_margin
 
     @classmethod
@@ -175,8 +176,10 @@ class Reader:
             model, tokenizer = load_checkpoint(path, device)
             _check_vocab(model, tokenizer)
             calibration = path / CALIBRATION_FILE
-            if calibration.is_file() and "abstain_margin" not in kw:
-                kw["abstain_margin"] = float(json.loads(calibration.read_text())["abstain_margin"])
+            if calibration.is_file():  # what `rag eval reader --save-calibration` chose
+                saved = json.loads(calibration.read_text())
+                kw.setdefault("abstain_margin", float(saved["abstain_margin"]))
+                kw.setdefault("starts", int(saved.get("starts", DEFAULT_STARTS)))
         except Exception as e:  # corrupt json, torn safetensors (SafetensorError), wrong shapes, ...
             raise ReaderUnavailable(f"reader model at {path} cannot be loaded: {e}") from e
         return cls(model, tokenizer, **kw)  # bad keywords (max_new_tokens) are the caller's ValueError

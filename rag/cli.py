@@ -615,6 +615,12 @@ def eval_reader_cmd(
             "--margin", help="Warm-started reader: abstain below this margin (default: calibrated)."
         ),
     ] = None,
+    starts: Annotated[
+        int | None,
+        typer.Option(
+            "--starts", min=1, help="Warm-started reader: span starts tried per source (default: saved or 1)."
+        ),
+    ] = None,
     open_mode: Annotated[
         bool,
         typer.Option(
@@ -686,6 +692,7 @@ def eval_reader_cmd(
         grounded=grounded,
         calibrate=calibrate,
         abstain_margin=margin,
+        starts=starts,
     )
     if save_calibration:
         if result.get("calibrated_on") is None:

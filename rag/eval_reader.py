@@ -230,6 +230,7 @@ def evaluate_reader(
     grounded: bool = True,
     calibrate: int | None = None,
     abstain_margin: float | None = None,
+    starts: int | None = None,
 ) -> dict:
     """EM, F1, citation and abstention metrics of a reader checkpoint and of overlap_baseline.
 
@@ -248,6 +249,8 @@ def evaluate_reader(
             Path(predictions).parent.mkdir(parents=True, exist_ok=True)
             out = stack.enter_context(Path(predictions).open("w", encoding="utf-8"))
         reader, max_tokens = load_reader(model_dir, device, max_new_tokens)
+        if starts is not None and reader.source_reader is not None:
+            reader.source_reader.starts = starts
         squad = load_squad(squad_path)
 
         def builder() -> ExampleBuilder:
@@ -309,6 +312,7 @@ def evaluate_reader(
         result |= {
             "grounded": grounded,
             "abstain_margin": margin,
+            "starts": reader.source_reader.starts,
             "calibrated_on": calibrate if calibrated is not None else None,
             "latency": latency(model_rows),
             "abstention_score": abstention_score(model_rows),
@@ -324,6 +328,7 @@ def save_reader_calibration(model_dir: str | Path, result: dict) -> Path:
     path = Path(model_dir) / CALIBRATION_FILE
     record = {
         "abstain_margin": result["abstain_margin"],
+        "starts": result["starts"],
         "calibrated_on_questions": result["calibrated_on"],
         "squad": Path(result["squad"]).name,
         "seed": result["seed"],

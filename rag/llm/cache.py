@@ -113,6 +113,18 @@ class KVCache:
         self._plan: tuple = ()
         self.prefix_len: Tensor | None = None
 
+    def select_rows(self, index: Tensor) -> None:
+        """Keep the rows `index` (in that order, repeats allowed), e.g. to continue several
+        candidate answers from one prefilled prompt without computing the prompt again."""
+        for buffers in (self.k, self.v, self.global_k, self.global_v):
+            buffers[:] = [t.index_select(0, index) for t in buffers]
+        self.pos, self.global_pos, self.next_pos, self.evicted = (
+            t.index_select(0, index) for t in (self.pos, self.global_pos, self.next_pos, self.evicted)
+        )
+        if self.prefix_len is not None:
+            self.prefix_len = self.prefix_len.index_select(0, index)
+        self.batch_size = int(index.numel())
+
     def prefix(self, prefix_len: Tensor | None) -> Tensor | None:
         """Remember a prefix-LM prompt's per-row prefix lengths (given at prefill) for later steps."""
         if prefix_len is not None:

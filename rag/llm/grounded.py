@@ -38,6 +38,7 @@ from rag.llm.model import GPT
 from rag.prompt import SourcePrompt
 
 MAX_SPAN_TOKENS = 30  # SQuAD answers are short; a longer span is cut at the next word end after this
+DEFAULT_STARTS = 1  # span starts per source continued to a whole span (a beam over the first step)
 
 
 @dataclass
@@ -60,10 +61,16 @@ class RowRead:
 class SourceReader:
     """Batched prefill of per-source prompts and grounded (or free) greedy decoding."""
 
-    def __init__(self, model: GPT, tokenizer, max_span_tokens: int = MAX_SPAN_TOKENS):
+    def __init__(
+        self, model: GPT, tokenizer, max_span_tokens: int = MAX_SPAN_TOKENS, starts: int = DEFAULT_STARTS
+    ):
+        """starts: how many of each source's likeliest start positions are continued to a whole
+        span (the best whole span wins): a beam over the first step, the one hard choice."""
         if model.copy is None:
             raise ValueError("grounded decoding needs a model with a copy head (preset minilm-reader)")
-        self.model, self.tokenizer, self.max_span = model, tokenizer, max_span_tokens
+        if starts < 1:
+            raise ValueError(f"starts must be >= 1, got {starts}")
+        self.model, self.tokenizer, self.max_span, self.starts = model, tokenizer, max_span_tokens, starts
         self.stop_id = tokenizer.encode("[")[0]
         self.continues = torch.tensor(tokenizer.continues)
 
@@ -116,18 +123,23 @@ class SourceReader:
         return reads
 
     def _grounded(self, reads, dist, step, word_start, shift, prompts, max_new_tokens) -> None:
-        B = len(reads)
         first = dist.start_scores(word_start)  # (B, T) log p of starting at each position
-        pos = first.argmax(dim=-1)
-        for r in range(B):
-            p = int(pos[r])
-            if math.isinf(float(first[r, p])):  # no text to copy from
-                continue
-            reads[r].span = (p - shift[r] - prompts[r].text_start,) * 2
-            reads[r].span_logprob = float(first[r, p])
-            reads[r].token_ids = [int(step.ids[r, p])]
-        active = [reads[r].span is not None for r in range(B)]
-        current = pos.clone()
+        top = first.topk(min(self.starts, first.size(1)), dim=-1)
+        cands = [  # (row, start position, its log p): finite only (a row may have no text)
+            (r, int(p), float(v))
+            for r in range(len(reads))
+            for v, p in zip(top.values[r], top.indices[r], strict=True)
+            if math.isfinite(float(v))
+        ]
+        if not cands:
+            return
+        rows = [r for r, _, _ in cands]
+        step.select(torch.tensor(rows, device=step.ids.device))
+        word_start = word_start[rows]
+        current = torch.tensor([p for _, p, _ in cands], device=step.ids.device)
+        spans = [[p, p] for _, p, _ in cands]  # padded positions, first and last
+        scores = [v for _, _, v in cands]
+        active = [True] * len(cands)
         evidence = torch.zeros(step.ids.shape, device=step.ids.device)
         while any(active):
             feed = step.ids.gather(1, current[:, None])
@@ -135,27 +147,31 @@ class SourceReader:
             hidden, attn = step.advance(feed, mask, want_attn=True)
             evidence += sum(a[:, :, -1, : evidence.size(1)].float().sum(1) for a in attn) * mask
             dist = step(hidden)
-            for r in range(B):
-                if not active[r]:
+            for c, r in enumerate(rows):
+                if not active[c]:
                     continue
-                p, read = int(current[r]), reads[r]
-                end = shift[r] + prompts[r].text_end
-                nxt = p + 1 if p + 1 < end else None
-                boundary = nxt is None or bool(word_start[r, nxt])
-                stop = dist.log_gen(r, self.stop_id) if boundary else -math.inf
-                length = read.span[1] - read.span[0] + 1
-                cont = dist.log_copy_or_gen(r, nxt) if nxt is not None else -math.inf
-                if cont > stop and not (boundary and length >= self.max_span):
-                    current[r] = nxt
-                    read.span = (read.span[0], read.span[1] + 1)
-                    read.span_logprob += cont
-                    read.token_ids.append(int(step.ids[r, nxt]))
+                p = int(current[c])
+                nxt = p + 1 if p + 1 < shift[r] + prompts[r].text_end else None
+                boundary = nxt is None or bool(word_start[c, nxt])
+                stop = dist.log_gen(c, self.stop_id) if boundary else -math.inf
+                cont = dist.log_copy_or_gen(c, nxt) if nxt is not None else -math.inf
+                if cont > stop and not (boundary and spans[c][1] - spans[c][0] + 1 >= self.max_span):
+                    current[c] = nxt
+                    spans[c][1] = nxt
+                    scores[c] += cont
                 else:
-                    read.span_logprob += stop
-                    active[r] = False
-        for r, read in enumerate(reads):
-            a, b = shift[r] + prompts[r].text_start, shift[r] + prompts[r].text_end
-            read.evidence = evidence[r, a:b].tolist()
+                    scores[c] += stop
+                    active[c] = False
+        for c, r in enumerate(rows):
+            read = reads[r]
+            if scores[c] <= read.span_logprob:
+                continue
+            a, b = spans[c]
+            offset = shift[r] + prompts[r].text_start
+            read.span = (a - offset, b - offset)
+            read.span_logprob = scores[c]
+            read.token_ids = step.ids[c, a : b + 1].tolist()
+            read.evidence = evidence[c, offset : shift[r] + prompts[r].text_end].tolist()
 
     def _free(self, reads, dist, step, word_start, shift, prompts, max_new_tokens) -> None:
         """Greedy decoding of the full mixture (no constraint): the model writes its own citation."""
@@ -190,6 +206,11 @@ class _Forward:
     def __init__(self, model: GPT, idx: Tensor, pad_mask: Tensor, prefix_len: Tensor):
         self.model, self.idx, self.pad_mask, self.prefix_len = model, idx, pad_mask, prefix_len
 
+    def select(self, index: Tensor) -> None:
+        self.idx, self.pad_mask, self.prefix_len = (
+            t.index_select(0, index) for t in (self.idx, self.pad_mask, self.prefix_len)
+        )
+
     def __call__(self, feed: Tensor, mask: Tensor, want_attn: bool) -> tuple[Tensor, list[Tensor] | None]:
         self.idx = torch.cat([self.idx, feed], dim=1)
         self.pad_mask = torch.cat([self.pad_mask, mask], dim=1)
@@ -207,6 +228,16 @@ class _Step:
     ):
         self.model, self.keys, self.copyable, self.ids = model, keys, copyable, ids
         self.cache, self.forward = cache, forward
+
+    def select(self, index: Tensor) -> None:
+        """Keep rows `index` (repeats allowed): candidates continued from the same prefill."""
+        self.keys, self.copyable, self.ids = (
+            t.index_select(0, index) for t in (self.keys, self.copyable, self.ids)
+        )
+        if self.cache is not None:
+            self.cache.select_rows(index)
+        if self.forward is not None:
+            self.forward.select(index)
 
     def advance(
         self, feed: Tensor, mask: Tensor, want_attn: bool = False

@@ -234,15 +234,15 @@ def test_span_task_overfits_a_few_rows(tokenizer, tmp_path):
     assert float(loss) < 0.1 * first and float(metrics["start_acc"]) == 1.0
 
 
-@pytest.mark.parametrize("grounded", [True, False])
-def test_decoding_without_the_cache_gives_the_same_answers(tokenizer, grounded):
+@pytest.mark.parametrize("grounded,starts", [(True, 1), (True, 3), (False, 1)])
+def test_decoding_without_the_cache_gives_the_same_answers(tokenizer, grounded, starts):
     """The benchmark's no-cache baseline recomputes every step; answers and scores must not move."""
     model = small_copy_model(5)
     prompts = [
         build_source_prompt(tokenizer, "Who lives there?", s.__class__(**{**s.__dict__, "n": i}), 200)
         for i, s in enumerate([SOURCES[0], SOURCES[1], SOURCES[3]], 1)
     ]
-    reader = SourceReader(model, tokenizer)
+    reader = SourceReader(model, tokenizer, starts=starts)
     timings: dict[str, float] = {}
     cached = reader.read(prompts, grounded, max_new_tokens=6, timings=timings)
     plain = reader.read(prompts, grounded, max_new_tokens=6, use_cache=False)
@@ -261,3 +261,22 @@ def test_quote_is_the_exact_page_span_of_the_answer(tokenizer):
     page = " " * source.start + source.text  # the page as far as the source goes
     assert page[quote["start"] : quote["end"]] == quote["text"]
     assert answer.text == f"{quote['text']} [{quote['n']}]" and quote["page"] == source.page
+
+
+def test_more_starts_never_find_a_worse_span(tokenizer):
+    """A beam over the first step keeps the greedy start among its candidates."""
+    model = small_copy_model(7)
+    prompts = [
+        build_source_prompt(tokenizer, "Which one?", s.__class__(**{**s.__dict__, "n": i}), 200)
+        for i, s in enumerate([SOURCES[0], SOURCES[1], SOURCES[3]], 1)
+    ]
+    greedy = SourceReader(model, tokenizer).read(prompts)
+    beam = SourceReader(model, tokenizer, starts=4).read(prompts)
+    for g, b in zip(greedy, beam, strict=True):
+        assert b.span_logprob >= g.span_logprob - 1e-5
+        assert b.abstain_logprob == pytest.approx(g.abstain_logprob)
+        first, last = b.span
+        assert (
+            b.token_ids
+            == prompts[b.row].ids[prompts[b.row].text_start + first : prompts[b.row].text_start + last + 1]
+        )
