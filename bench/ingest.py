@@ -27,7 +27,7 @@ BATCH_CHUNKS = 256  # ingest()'s default: the baseline feeds the embedder batche
 
 def chunk_texts(paths: list[Path], settings: Settings, embedder: Embedder) -> list[str]:
     """The chunks ingest() will embed, produced by the same loader and chunker."""
-    chunker = Chunker(embedder.tokenizer, settings.chunk_tokens, settings.chunk_overlap)
+    chunker = Chunker.from_settings(embedder.tokenizer, settings)
     texts: list[str] = []
     for path in find_files(paths)[0]:
         try:
