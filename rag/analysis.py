@@ -46,9 +46,10 @@ def words(text: str) -> list[str]:
 
 
 def fallback_stem(word: str) -> str:
-    """Truncate to `FALLBACK_PREFIX` letters: Slavic inflection lives in the last letters, and on
-    Russian (where Snowball exists to compare against) this came within ~1 point of Snowball's
-    BM25 hit@1 while suffix lists and character n-grams did worse (docs/benchmarks.md)."""
+    """Truncate to `FALLBACK_PREFIX` letters: Slavic inflection lives in the last letters. On
+    Russian, where Snowball exists to compare with, BM25 over 5-letter prefixes matched Snowball's
+    (XQuAD-ru hit@1 0.927 vs 0.915) and beat a suffix list and character n-grams
+    (docs/benchmarks.md)."""
     return word if word.isdigit() else word[:FALLBACK_PREFIX]
 
 
