@@ -1,10 +1,13 @@
 """REST API: a thin HTTP layer over the same library calls as the `rag` CLI.
 
-Run with `uvicorn app.api:app` (or `make run`). OpenAPI docs at /docs. Read endpoints are open;
-admin endpoints (ingest, delete) need the `X-API-Key` header to equal `RAG_API_KEY`, and are
-refused outright when no key is configured, so a fresh install never exposes writes by accident.
+Run with `rag serve` (or `uvicorn app.api:app`, `make run`). OpenAPI docs at /docs. Read endpoints
+are open; admin endpoints (ingest, delete) need the key `RAG_API_KEY`, as `X-API-Key: <key>` or
+`Authorization: Bearer <key>` (what OpenAI clients send), and are refused outright when no key is
+configured, so a fresh install never exposes writes by accident. Request bodies are capped
+(RAG_MAX_REQUEST_BYTES, app/limits.py); errors have the shape each client expects (app/errors.py).
 
-`POST /v1/ask` answers with our own reader model, as JSON or as a server-sent event stream. The
+`POST /v1/ask` answers with our own reader model, as JSON or as a server-sent event stream; with
+no reader model it returns the matching passages instead (`answer: null`, `reader_unavailable`). The
 model is loaded on the first question and shared; it is not re-entrant, so one answer is generated
 at a time (a lock), at most RAG_ANSWER_QUEUE answers wait or run (more get a 503 with Retry-After,
 so waiting requests never tie up the server's worker threads), and a streamed answer stops
@@ -18,31 +21,34 @@ clients can use it: the last user message is the question, and both endpoints sh
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import queue
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Generator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable, Generator, Iterable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Literal, Protocol
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import Depends, FastAPI, Header, HTTPException
 from fastapi import Path as PathParam
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from starlette.background import BackgroundTask
 
+from app.errors import ApiError, install_error_handlers, openai_error, reader_unavailable, reject
+from app.limits import BodyLimit, shorten_access_log_urls
 from rag.answer import DEFAULT_MAX_NEW_TOKENS, Answer, Reader, ReaderUnavailable, ask_stream, drain
 from rag.config import Settings, get_settings
 from rag.embed import get_embedder
-from rag.ingest.job import ingest
+from rag.fallback import search_only
+from rag.ingest.job import ProgressEvent, ingest
 from rag.llm.generate import GenerationConfig
 from rag.retrieve import MODES, Retriever
-from rag.store import SQLITE_MAX_INT, IndexBusy, ModelMismatch, Store, StoreError
+from rag.store import SQLITE_MAX_INT, ModelMismatch, Store
 from rag.types import Hit
 
 MAX_QUERY_CHARS = 2000
@@ -52,7 +58,10 @@ MAX_ASK_K = 20  # more sources than a 1k-token context can show only get cut fro
 MAX_NEW_TOKENS = 512
 MAX_MESSAGES = 50
 MAX_MESSAGE_CHARS = 20_000  # earlier turns are not read, but a request body stays bounded
+MAX_PARTS = 50  # content parts of one message
 MAX_STOPS = 4  # as OpenAI
+MODEL_ID = "rag"  # what /v1/models lists and chat completions answer as by default
+PROGRESS_EVERY_S = 0.25  # at most ~4 ingest progress events a second on a stream
 
 log = logging.getLogger("rag.api")
 
@@ -109,7 +118,7 @@ class AskRequest(BaseModel):
 class TextPart(BaseModel):
     """One part of a message's content; OpenAI's other kinds (images, audio, files) are refused."""
 
-    type: str
+    type: str = Field(max_length=32)
     text: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)] = ""
 
     @model_validator(mode="after")
@@ -122,7 +131,11 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's new name for system
     # None: an assistant turn that only called tools; other fields (name, tool_calls) are ignored
-    content: Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)] | list[TextPart] | None = None
+    content: (
+        Annotated[str, Field(max_length=MAX_MESSAGE_CHARS)]
+        | Annotated[list[TextPart], Field(max_length=MAX_PARTS)]
+        | None
+    ) = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -146,7 +159,7 @@ class ChatRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field("rag", max_length=256, description="Echoed back; the server's reader answers.")
+    model: str = Field(MODEL_ID, max_length=256, description="Echoed back; the server's reader answers.")
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_MESSAGES)
     max_tokens: NewTokens = None
     max_completion_tokens: NewTokens = None  # OpenAI's newer name for max_tokens
@@ -282,7 +295,7 @@ class ChatCompletion:
         return [last, {**self._head("chat.completion.chunk"), "choices": [], "usage": self.usage(answer)}]
 
     def failure(self, detail: str) -> dict:
-        return {"error": {"message": detail, "type": "server_error"}}  # what OpenAI clients raise on
+        return openai_error(500, detail)  # what OpenAI clients raise on
 
 
 class IngestRequest(BaseModel):
@@ -290,6 +303,9 @@ class IngestRequest(BaseModel):
         ..., min_length=1, max_length=MAX_PATHS
     )
     prune: bool = False
+    stream: bool = Field(
+        False, description="Progress as server-sent events (`progress`, then `report`), for long ingests."
+    )
 
 
 class Services:
@@ -346,15 +362,21 @@ class Services:
         return Store(self.settings.index_dir, embedding_model=None, readonly=False, create=False)
 
     def reader(self) -> Reader:
-        """The reader model, loaded on first use. A missing model is not remembered: one trained
-        after the server started is picked up by the next question, without a restart."""
+        """The reader model, loaded on first use; ReaderUnavailable when there is none, or a corrupt
+        or foreign checkpoint. A missing model is not remembered: one trained after the server
+        started is picked up by the next question, without a restart."""
         with self._reader_lock:
             if self._reader is None:
-                try:
-                    self._reader = Reader.load(self.settings.model_dir, self.settings.device)
-                except ReaderUnavailable as exc:  # none there, or a corrupt or foreign checkpoint
-                    raise HTTPException(503, str(exc)) from None
+                self._reader = Reader.load(self.settings.model_dir, self.settings.device)
             return self._reader
+
+    def model_card(self) -> dict:
+        """The reader as OpenAI's /v1/models lists a model, plus whether it can answer now."""
+        model_dir = self.settings.model_dir
+        available = self._reader is not None or model_dir.is_dir()
+        created = int(model_dir.stat().st_mtime) if model_dir.is_dir() else 0
+        status = {"model_dir": str(model_dir), "available": available, "loaded": self._reader is not None}
+        return {"id": MODEL_ID, "object": "model", "created": created, "owned_by": "rag", "rag": status}
 
     def reader_status(self) -> dict:
         return {
@@ -373,33 +395,51 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Self-hosted retrieval-augmented generation",
         version="0.1.0",
     )
+    api.add_middleware(BodyLimit, max_bytes=services.settings.max_request_bytes, reject=reject)
+    install_error_handlers(api)
+    shorten_access_log_urls()
 
-    @api.exception_handler(StoreError)
-    async def store_error(_: Request, exc: StoreError) -> JSONResponse:
-        # A missing index, another ingest running or an index of another embedding model are
-        # conditions of the server, not crashes.
-        status = 409 if isinstance(exc, IndexBusy | ModelMismatch) else 503
-        return JSONResponse(status_code=status, content={"detail": str(exc)})
-
-    @api.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": e.get("loc"), "msg": e.get("msg"), "type": e.get("type")} for e in exc.errors()]
-        return JSONResponse(status_code=422, content={"detail": errors})
-
-    def require_admin(x_api_key: Annotated[str | None, Header()] = None) -> None:
+    def require_admin(
+        x_api_key: Annotated[str | None, Header()] = None,
+        authorization: Annotated[str | None, Header()] = None,
+    ) -> None:
         expected = services.settings.api_key
         if not expected:
             raise HTTPException(403, "admin endpoints are disabled: set RAG_API_KEY on the server")
-        if x_api_key is None or not secrets.compare_digest(x_api_key.encode(), expected.encode()):
-            raise HTTPException(401, "missing or wrong X-API-Key header")
+        scheme, _, token = (authorization or "").partition(" ")
+        given = x_api_key if x_api_key is not None else token.strip() if scheme.lower() == "bearer" else None
+        if given is None or not secrets.compare_digest(given.encode(), expected.encode()):
+            raise HTTPException(
+                401,
+                "missing or wrong API key: send it as X-API-Key: <key> or Authorization: Bearer <key>",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
-    @api.get("/health")
+    @api.get("/v1/health")
+    @api.get("/health", include_in_schema=False)  # the name before /v1
     def health() -> dict:
         return {
             "status": "ok",
             "index": str(services.settings.index_dir),
             "reader": services.reader_status(),
         }
+
+    @api.get("/v1/models")
+    def models() -> dict:
+        """The reader, as OpenAI's model list (front ends ask for it first); `rag.available` says
+        whether a reader model is there to answer."""
+        return {"object": "list", "data": [services.model_card()]}
+
+    @api.get("/v1/models/{model_id}")
+    def model(model_id: Annotated[str, PathParam(max_length=256)]) -> dict:
+        if model_id != MODEL_ID:
+            raise HTTPException(404, f"no model {model_id!r}: this server's reader is {MODEL_ID!r}")
+        return services.model_card()
+
+    @api.get("/v1/admin", dependencies=[Depends(require_admin)])
+    def admin_check() -> dict:
+        """200 when the request carries the admin key (the web UI checks a key with it)."""
+        return {"admin": True}
 
     @api.post("/v1/search", response_model=SearchResponse)
     def search(req: SearchRequest) -> SearchResponse:
@@ -409,13 +449,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return SearchResponse(query=req.query, mode=req.mode, results=hits)
 
     def answer_with_reader(req: AnswerRequest, events: Events) -> Answer | StreamingResponse:
-        """The one answer path of both endpoints: the Answer, or (`stream`) its event stream."""
-        reader = services.reader()  # 503 before any retrieval when nothing could answer
+        """The one answer path of both endpoints: the Answer, or (`stream`) its event stream.
+        ReaderUnavailable before any retrieval when no reader could answer."""
+        reader = services.reader()
         retriever = services.retriever()
         question, opts = req.question, {"k": req.k, "mode": req.mode, "config": req.generation(reader)}
         if not services.answer_slots.acquire(blocking=False):
-            raise HTTPException(
-                503, "the reader is busy with other answers; retry shortly", headers={"Retry-After": "2"}
+            raise ApiError(
+                503,
+                "the reader is busy with other answers; retry shortly",
+                "reader_busy",
+                {"Retry-After": "2"},
             )
         release = services.answer_slots.release
         try:  # bad input the model notices (max_new_tokens beyond its context) raises before generating
@@ -442,20 +486,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         With `stream: true` the answer comes as server-sent events: `{"type": "token", "text"}` per
         piece of text, then `{"type": "answer", ...}` (the JSON answer), then `[DONE]`; an error
         after the stream started is a `{"type": "error", "detail"}` event.
+
+        Without a reader model: the passages that match, as the answer's `sources` with `answer:
+        null` and `reader_unavailable` (the reason); streamed as that one `answer` event.
         """
-        result = answer_with_reader(req, AskEvents())
+        try:
+            result = answer_with_reader(req, AskEvents())
+        except ReaderUnavailable as exc:
+            found = search_only(req.question, services.retriever(), str(exc), k=req.k, mode=req.mode)
+            return sse_response([sse({"type": "answer", **found}), sse("[DONE]")]) if req.stream else found
         return result if isinstance(result, StreamingResponse) else result.to_dict()
 
     @api.post("/v1/chat/completions")
     def chat_completions(req: ChatRequest):
         """The /v1/ask answer to the last user message, as OpenAI's `chat.completion` (or, with
         `stream: true`, `chat.completion.chunk` events, then `[DONE]`), plus a `rag` field with
-        the citations, the sources and whether the reader abstained. Errors keep this API's
-        `{"detail": ...}` bodies; an error after the stream started is an `{"error": ...}` event.
+        the citations, the sources and whether the reader abstained. Errors are OpenAI's
+        `{"error": {"message", "type", "param", "code"}}`, before the stream as after it started;
+        no reader model is a 503 that tells clients not to retry.
         """
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         completion = ChatCompletion(req.model, include_usage)
-        result = answer_with_reader(req, completion)
+        try:
+            result = answer_with_reader(req, completion)
+        except ReaderUnavailable as exc:
+            raise reader_unavailable(exc) from None
         return result if isinstance(result, StreamingResponse) else completion.whole(result)
 
     @api.get("/v1/documents")
@@ -467,8 +522,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return services.store().stats()
 
     @api.post("/v1/ingest", dependencies=[Depends(require_admin)])
-    def ingest_paths(req: IngestRequest) -> dict:
+    def ingest_paths(req: IngestRequest):
+        """The ingest report, as `rag ingest --json`; with `stream: true`, server-sent events: a
+        `progress` event (files and chunks done, the current file and its chunks) at most every
+        0.25 s, then the `report` (or an `error` with its `detail`), then `[DONE]`."""
         paths = [allowed_path(p, services.settings.ingest_roots) for p in req.paths]
+        if req.stream:
+            return ingest_stream(paths, services.settings, req.prune, services.stream_readers)
         return ingest(paths, services.settings, prune=req.prune).to_dict()
 
     @api.delete("/v1/documents/{doc_id}", dependencies=[Depends(require_admin)])
@@ -486,6 +546,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def sse(data: dict | str) -> str:
     """One server-sent event; non-ASCII text stays as is (the stream is UTF-8)."""
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def sse_response(
+    events: AsyncIterator[str] | Iterable[str], background: BackgroundTask | None = None
+) -> StreamingResponse:
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},  # no proxy buffering
+        background=background,
+    )
+
+
+async def queued(items: queue.Queue, pool: Executor) -> AsyncIterator[tuple[str, object]]:
+    """(kind, value) items of a queue a worker thread fills, up to its ("end", None); each wait runs
+    in `pool`, never in the event loop or its small default pool."""
+    loop = asyncio.get_running_loop()
+    while (item := await loop.run_in_executor(pool, items.get))[0] != "end":
+        yield item
 
 
 def stream_answer(
@@ -529,32 +608,54 @@ def stream_answer(
     threading.Thread(target=work, name="rag-answer", daemon=True).start()
 
     async def events() -> AsyncIterator[str]:
-        loop = asyncio.get_running_loop()
         try:
             for event in events_format.opening():
                 yield sse(event)
-            while True:
-                kind, value = await loop.run_in_executor(services.stream_readers, events_queue.get)
+            async for kind, value in queued(events_queue, services.stream_readers):
                 if kind == "token":
                     yield sse(events_format.piece(value))
                     continue
-                if kind != "end":
-                    last = (
-                        events_format.closing(value) if kind == "answer" else [events_format.failure(value)]
-                    )
-                    for event in last:
-                        yield sse(event)
-                    yield sse("[DONE]")
+                last = events_format.closing(value) if kind == "answer" else [events_format.failure(value)]
+                for event in last:
+                    yield sse(event)
+                yield sse("[DONE]")
                 break
         finally:
             stop.set()
 
-    return StreamingResponse(
-        events(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},  # no proxy buffering
-        background=BackgroundTask(stop.set),
-    )
+    return sse_response(events(), BackgroundTask(stop.set))
+
+
+def ingest_stream(paths: list[Path], settings: Settings, prune: bool, pool: Executor) -> StreamingResponse:
+    """An ingest run in a worker thread, its progress as server-sent events (see /v1/ingest). The
+    run goes on to its end if the client leaves: each file is committed on its own anyway."""
+    events: queue.Queue[tuple[str, object]] = queue.Queue()
+    last = 0.0
+
+    def on_progress(ev: ProgressEvent) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if ev.stage or ev.files_done == ev.files_total or now - last >= PROGRESS_EVERY_S:
+            last = now
+            events.put(("progress", dataclasses.asdict(ev)))
+
+    def work() -> None:
+        try:
+            events.put(("report", ingest(paths, settings, prune=prune, on_progress=on_progress).to_dict()))
+        except Exception as exc:  # the stream already sent 200: say what failed (index busy, ...)
+            log.warning("streamed ingest failed: %s", exc)
+            events.put(("error", {"detail": str(exc)}))
+        finally:
+            events.put(("end", None))
+
+    threading.Thread(target=work, name="rag-ingest", daemon=True).start()
+
+    async def stream() -> AsyncIterator[str]:
+        async for kind, value in queued(events, pool):
+            yield sse({"type": kind, **value})  # type: ignore[dict-item]
+        yield sse("[DONE]")
+
+    return sse_response(stream())
 
 
 def allowed_path(raw: str, roots: list[Path]) -> Path:

@@ -29,25 +29,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(
-    root: Path, index: Path, api_key: str | None, model_dir: Path | None = None
-) -> tuple[subprocess.Popen, str]:
-    """The API on a free port; `model_dir` is the reader checkpoint (default: one that is not there)."""
-    port = free_port()
-    env = {**os.environ, "RAG_INDEX_DIR": str(index), "RAG_INGEST_ROOTS": f'["{root / "docs"}"]'}
-    env["RAG_MODEL_DIR"] = str(model_dir or root / "no-reader-model")
-    env.pop("RAG_API_KEY", None)
+def server_env(
+    root: Path, index: Path, api_key: str | None, model_dir: Path | None = None, **env: str
+) -> dict:
+    """The environment of a test server: its index, `root`/docs as ingest root, the reader checkpoint
+    `model_dir` (default: one that is not there), `api_key` or none, then any RAG_* in `env`."""
+    out = {**os.environ, "RAG_INDEX_DIR": str(index), "RAG_INGEST_ROOTS": f'["{root / "docs"}"]'}
+    out["RAG_MODEL_DIR"] = str(model_dir or root / "no-reader-model")
+    out.pop("RAG_API_KEY", None)
     if api_key:
-        env["RAG_API_KEY"] = api_key
+        out["RAG_API_KEY"] = api_key
+    return {**out, **env}
+
+
+def start_server(
+    root: Path, index: Path, api_key: str | None, model_dir: Path | None = None, **env: str
+) -> tuple[subprocess.Popen, str]:
+    """The API (as uvicorn runs it) on a free port, set up by server_env."""
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "app.api:app", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT,
-        env=env,
+        env=server_env(root, index, api_key, model_dir, **env),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
     url = f"http://127.0.0.1:{port}"
-    wait_healthy(proc, f"{url}/health")
+    wait_healthy(proc, f"{url}/v1/health")
     return proc, url
 
 
@@ -67,17 +75,31 @@ def wait_healthy(proc: subprocess.Popen, health_url: str, timeout: float = 60.0)
     raise RuntimeError(f"server did not answer {health_url} within {timeout:.0f} s")
 
 
+def listening_on(port: int) -> set[str]:
+    """The addresses a TCP port is listened on, by any process of this machine."""
+    import psutil
+
+    return {
+        c.laddr.ip for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == "LISTEN"
+    }
+
+
 def stop(proc: subprocess.Popen) -> None:
+    """Terminate; kill if it has not exited within 30 s (a loaded 2-core machine exits slowly)."""
     proc.terminate()
-    proc.wait(10)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 @contextmanager
 def api_server(
-    root: Path, index: Path, api_key: str | None = None, model_dir: Path | None = None
+    root: Path, index: Path, api_key: str | None = None, model_dir: Path | None = None, **env: str
 ) -> Iterator[str]:
     """A running API (see start_server); yields its URL, stops it after."""
-    proc, url = start_server(root, index, api_key, model_dir)
+    proc, url = start_server(root, index, api_key, model_dir, **env)
     try:
         yield url
     finally:
@@ -86,34 +108,28 @@ def api_server(
 
 @contextmanager
 def ui_server(
-    root: Path, index: Path, api_key: str | None = None, model_dir: Path | None = None
+    root: Path,
+    index: Path,
+    api_key: str | None = None,
+    model_dir: Path | None = None,
+    address: str | None = None,
 ) -> Iterator[str]:
     """A running API and the web UI talking to it; yields the UI's URL, stops both after."""
     with api_server(root, index, api_key, model_dir) as api_url:
-        proc, url = start_ui(api_url)
+        proc, url = start_ui(api_url, address)
         try:
             yield url
         finally:
             stop(proc)
 
 
-def start_ui(api_url: str) -> tuple[subprocess.Popen, str]:
-    """The Streamlit app on a free port, talking to the API at `api_url`."""
+def start_ui(api_url: str, address: str | None = None) -> tuple[subprocess.Popen, str]:
+    """`streamlit run app/ui.py` from the project folder (its .streamlit/config.toml applies) on a
+    free port, talking to the API at `api_url`; `address`: where to listen instead of the default."""
     port = free_port()
+    where = ["--server.address", address] if address else []
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            "app/ui.py",
-            "--server.port",
-            str(port),
-            "--server.headless",
-            "true",
-            "--browser.gatherUsageStats",
-            "false",
-        ],  # fmt: skip
+        [sys.executable, "-m", "streamlit", "run", "app/ui.py", "--server.port", str(port), *where],
         cwd=ROOT,
         env={**os.environ, "RAG_API_URL": api_url},
         stdout=subprocess.DEVNULL,

@@ -10,15 +10,14 @@ import pytest
 from rag.config import DEFAULT_EMBEDDING_MODEL, Settings
 from rag.embed import resolve_model
 from rag.ingest.job import ingest
-from tests.app.servers import KEY, start_server
+from tests.app.servers import KEY, start_server, stop
 
 
 @pytest.fixture(scope="module")
 def server(corpus):
     proc, url = start_server(corpus, corpus / "index", KEY)
     yield url
-    proc.terminate()
-    proc.wait(10)
+    stop(proc)
 
 
 def test_search_returns_citable_hits(server):
@@ -114,8 +113,7 @@ def test_missing_index_and_disabled_admin(tmp_path, corpus):
         r = httpx.post(f"{url}/v1/ingest", json={"paths": ["docs"]}, headers={"X-API-Key": "x"}, timeout=30)
         assert r.status_code == 403 and "RAG_API_KEY" in r.json()["detail"]
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop(proc)
 
 
 def test_delete_on_a_missing_index_creates_nothing(tmp_path, corpus):
@@ -125,8 +123,7 @@ def test_delete_on_a_missing_index_creates_nothing(tmp_path, corpus):
         assert r.status_code == 503 and "rag ingest" in r.json()["detail"]
         assert not (tmp_path / "no-index").exists()
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop(proc)
 
 
 def test_openapi_docs_are_served(server):
@@ -160,8 +157,7 @@ def test_listing_works_on_an_index_of_another_model_search_is_409(foreign_index)
         assert r.status_code == 409, r.text
         assert model in r.json()["detail"] and repr(DEFAULT_EMBEDDING_MODEL) in r.json()["detail"]
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop(proc)
 
 
 def test_listing_never_loads_the_embedder(foreign_index, monkeypatch):
@@ -176,5 +172,4 @@ def test_listing_never_loads_the_embedder(foreign_index, monkeypatch):
         stats = httpx.get(f"{url}/v1/stats", timeout=30)
         assert stats.status_code == 200 and stats.json()["documents"] == 1
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop(proc)

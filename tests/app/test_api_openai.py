@@ -134,18 +134,26 @@ def test_generation_options_are_honoured(parrot):
         ({"messages": user(QUESTION), "stream": "maybe"}, "valid boolean"),
     ],
 )
-def test_invalid_requests_are_422_in_the_apis_format(parrot, body, says):
+def test_invalid_requests_are_422_in_openais_format(parrot, body, says):
     r = chat(parrot, **body)
     assert r.status_code == 422, r.text
-    errors = r.json()["detail"]  # FastAPI's list of {loc, msg, type}, as every endpoint here
-    assert all({"loc", "msg", "type"} == set(e) and e["loc"][0] == "body" for e in errors)
-    assert any(says in e["msg"] for e in errors), errors
+    error = r.json()["error"]  # what OpenAI clients read and show
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert says in error["message"] and error["code"] == "invalid_request", error
+    assert r.headers["x-should-retry"] == "false"
+
+
+def test_the_failing_field_is_named(parrot):
+    error = chat(parrot, messages=user(QUESTION), temperature=2.5).json()["error"]
+    assert error["param"] == "temperature" and error["message"].startswith("temperature: ")
+    error = chat(parrot, messages=[{"role": "tool", "content": "42"}]).json()["error"]
+    assert error["param"] == "messages.0.role"
 
 
 def test_more_tokens_than_the_model_has_context_is_422(parrot):
     for stream in (False, True):
         r = chat(parrot, messages=user(QUESTION), max_tokens=512, stream=stream)
-        assert r.status_code == 422 and "max_new_tokens" in r.json()["detail"], r.text
+        assert r.status_code == 422 and "max_new_tokens" in r.json()["error"]["message"], r.text
 
 
 def test_openai_client(parrot):
@@ -162,8 +170,12 @@ def test_openai_client(parrot):
         client.chat.completions.create(model="any", messages=user(QUESTION), n=2)
 
 
-def test_no_model_is_503(corpus):
+def test_no_model_is_503_that_clients_do_not_retry(corpus):
     with api_server(corpus, corpus / "index") as url:  # no reader checkpoint there
         for stream in (False, True):
             r = chat(url, messages=user(QUESTION), stream=stream)
-            assert r.status_code == 503 and "make reader" in r.json()["detail"], r.text
+            assert r.status_code == 503, r.text
+            error = r.json()["error"]
+            assert "make reader" in error["message"] and "retrying will not help" in error["message"]
+            assert (error["type"], error["code"]) == ("server_error", "reader_unavailable")
+            assert r.headers["x-should-retry"] == "false" and "retry-after" not in r.headers
