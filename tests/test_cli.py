@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -189,3 +190,101 @@ def test_overlap_not_below_chunk_size_is_a_settings_error():
 
     with pytest.raises(ValidationError, match="chunk_overlap"):
         Settings(chunk_tokens=50, chunk_overlap=50)
+
+
+def bad_inputs(tmp: Path) -> list[list[str]]:
+    """Each `rag` command with input a user gets wrong: a path that is not there, an unknown name."""
+    nowhere, a_file = str(tmp / "nowhere"), str(tmp / "file.txt")
+    Path(a_file).write_text("not an index")
+    return [
+        ["ingest", nowhere, "--index", nowhere],
+        ["search", "x", "--index", nowhere],
+        ["search", "x", "-k", "0"],
+        ["search", "x", "--mode", "sparse", "--index", a_file],
+        ["ask", "x", "--index", nowhere, "--model", nowhere],
+        ["docs", "--index", a_file],
+        ["delete", "5", "--index", nowhere],
+        ["stats", "--index", nowhere],
+        ["serve", "--port", "70000"],
+        ["eval", "retrieval", "--beir", nowhere],
+        ["eval", "retrieval", "--beir", a_file],
+        ["eval", "reader", "--model", nowhere, "--squad", nowhere, "--limit", "1"],
+        ["train", "tokenizer", "--corpus", nowhere],
+        ["train", "lm", "--preset", "nope"],
+        ["train", "sft", "--init", nowhere, "--data", nowhere],
+        ["train", "reader-data", "--squad", nowhere, "--out", str(tmp / "o.jsonl")],
+        ["bench", "ingest", "--folder", nowhere, "--files", "1"],
+        ["bench", "llm", "--model", "nope"],
+        ["bench", "api", "--index", nowhere],
+    ]
+
+
+def test_no_command_prints_a_traceback_for_bad_input(tmp_path, capfd):
+    """The `rag` program as its entry point runs it: every command answers bad input with a usage
+    message (exit 2) or one `Error` line (exit 1) on stderr, never a Python traceback."""
+    for argv in bad_inputs(tmp_path):
+        with pytest.raises(SystemExit) as done:
+            app(argv, prog_name="rag")
+        out, err = capfd.readouterr()
+        assert done.value.code in (1, 2), (argv, done.value.code, err[-2000:])
+        assert "Traceback" not in err + out and err.strip(), (argv, err[-2000:])
+        if done.value.code == 1:
+            assert any(line.lower().startswith("error") for line in err.splitlines()), (argv, err)
+
+
+def test_serve_on_a_port_in_use_is_one_line(tmp_path):
+    """`rag serve` on a taken port: one line, exit 1, in a real process (nothing else starts)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_rag("serve", "--port", port, "--index", tmp_path, "--ui", env={"COLUMNS": "80"})
+    assert proc.returncode == 1 and proc.stdout == "" and proc.stderr.count("\n") == 1  # one line
+    assert proc.stderr.startswith(f"Error: port {port} on 127.0.0.1 is already in use (another server?)")
+
+
+def test_odd_entries_in_a_folder_are_skipped_rows_not_a_crash(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "good.md").write_text("# Good\n\nA readable file about herons.")
+    (folder / "a").symlink_to(folder / "b")
+    (folder / "b").symlink_to(folder / "a")
+    Path(os.fsdecode(bytes(folder) + b"/caf\xe9.txt")).write_text("Latin-1 name")
+    os.mkfifo(tmp_path / "pipe.txt")
+    args = ("ingest", folder, tmp_path / "pipe.txt", "--index", tmp_path / "index")
+    report = rag_json(*args)
+    assert report["ingested"] == 1
+    reasons = {Path(s["path"]).name: s["reason"] for s in report["skipped"]}
+    assert reasons == {
+        "a": "symlink loop",
+        "b": "symlink loop",
+        "caf\\xe9.txt": "file name is not valid UTF-8: rename it",
+        "pipe.txt": "not a regular file",
+    }
+    table = rag(*args)
+    assert table.exit_code == 0 and "symlink loop" in table.stdout and "caf\\xe9.txt" in table.stdout
+
+
+def test_docs_tell_paths_apart_on_an_80_column_terminal(index, corpus):
+    result = runner.invoke(app, ["docs", "--index", str(index)], env={"COLUMNS": "80", "NO_COLOR": "1"})
+    assert result.exit_code == 0
+    assert f"Documents in {corpus}" in " ".join(result.stdout.split())  # the common folder, once
+    for name in [*DOCS, "empty.md", "blob.txt"]:
+        assert f" {name} " in result.stdout  # each relative path whole, not cut to the same prefix
+
+
+def test_missing_index_is_named_by_its_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = rag("stats", "--index", "index")
+    assert result.exit_code == 1 and f"no index at {tmp_path / 'index'} " in result.stderr
+
+
+def test_ask_without_a_reader_gives_the_passages(index, tmp_path):
+    missing = tmp_path / "no-reader"
+    found = rag_json("ask", "which volcano is most active", "--index", index, "--model", missing, "-k", "2")
+    assert found["answer"] is None and found["finish_reason"] == "reader_unavailable"
+    assert found["reader_unavailable"].startswith(f"no reader model at {missing}")
+    assert [s["n"] for s in found["sources"]] == [1, 2] and found["sources"][0]["path"].endswith("volcano.md")
+    result = rag("ask", "which volcano is most active", "--index", index, "--model", missing, "-k", "1")
+    assert result.exit_code == 0 and "1. Volcanoes" in result.stdout and "Etna" in result.stdout
+    assert result.stderr.startswith(f"No answer: no reader model at {missing}")

@@ -75,6 +75,13 @@ def wait_healthy(proc: subprocess.Popen, health_url: str, timeout: float = 60.0)
     raise RuntimeError(f"server did not answer {health_url} within {timeout:.0f} s")
 
 
+def warm_up(url: str, path: str = "/v1/search", body: dict | None = None) -> None:
+    """One request that loads what the server loads on first use (the embedder, the reader): on a
+    2-core machine shared with a training run that takes minutes, which no test's timeout is about."""
+    r = httpx.post(f"{url}{path}", json=body or {"query": "warm up"}, timeout=600)
+    assert r.status_code == 200, r.text
+
+
 def listening_on(port: int) -> set[str]:
     """The addresses a TCP port is listened on, by any process of this machine."""
     import psutil

@@ -10,12 +10,13 @@ import pytest
 from rag.config import DEFAULT_EMBEDDING_MODEL, Settings
 from rag.embed import resolve_model
 from rag.ingest.job import ingest
-from tests.app.servers import KEY, start_server, stop
+from tests.app.servers import KEY, start_server, stop, warm_up
 
 
 @pytest.fixture(scope="module")
 def server(corpus):
     proc, url = start_server(corpus, corpus / "index", KEY)
+    warm_up(url)
     yield url
     stop(proc)
 
@@ -167,7 +168,7 @@ def test_listing_never_loads_the_embedder(foreign_index, monkeypatch):
     proc, url = start_server(root, root / "index", api_key=None)
     try:
         assert httpx.get(f"{url}/v1/documents", timeout=30).status_code == 200
-        r = httpx.post(f"{url}/v1/search", json={"query": "wading birds"}, timeout=30)
+        r = httpx.post(f"{url}/v1/search", json={"query": "wading birds"}, timeout=600)  # tries to load it
         assert r.status_code == 503 and "cannot load embedding model" in r.json()["detail"]
         stats = httpx.get(f"{url}/v1/stats", timeout=30)
         assert stats.status_code == 200 and stats.json()["documents"] == 1

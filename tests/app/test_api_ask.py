@@ -12,12 +12,13 @@ import httpx
 import pytest
 
 from tests.app.readers import ANSWER, QUESTION, save_babbler, save_parrot
-from tests.app.servers import api_server
+from tests.app.servers import api_server, warm_up
 
 
 def server_with(save: Callable[[Path, Path], None], corpus: Path, tmp: Path) -> Iterator[str]:
     save(corpus, tmp)
     with api_server(corpus, corpus / "index", model_dir=tmp) as url:
+        warm_up(url, "/v1/ask", {"question": "warm up", "max_new_tokens": 1})  # embedder and reader
         yield url
 
 
