@@ -2,9 +2,13 @@
 so the browser sees exactly what developers calling the API see.
 
 Pages: Search (passages), Chat (answers from our reader model with numbered sources, streamed
-from `POST /v1/ask`), Admin (ingest, list, delete).
+from `POST /v1/ask`; the matching passages when there is no reader), Admin (ingest with progress,
+list, delete).
 
-Run with `streamlit run app/ui.py` (or `make run`).
+Run with `rag serve --ui` (or `make run`, or `streamlit run app/ui.py` from the project folder,
+whose .streamlit/config.toml keeps it on 127.0.0.1). Served to other machines (an address other
+than this machine's own), the admin page shows nothing until the API key is given: documents and
+their paths are nobody else's business.
 """
 
 from __future__ import annotations
@@ -21,14 +25,22 @@ API_URL = os.environ.get("RAG_API_URL", "http://127.0.0.1:8000").rstrip("/")
 TIMEOUT = httpx.Timeout(30.0, read=600.0)  # ingesting a folder can take minutes
 MODES = ["hybrid", "dense", "bm25"]
 MARKDOWN_SPECIAL = re.compile(r"[\\`*_{}\[\]()#+\-.!|<>~$:&]")  # ASCII punctuation markdown may read
+LOCAL_ADDRESSES = ("127.0.0.1", "localhost", "::1")
 
 
 def error_message(resp: httpx.Response) -> str:
+    """`{"detail": ...}` of this API, or OpenAI's `{"error": {"message": ...}}`, as one line."""
     try:
-        detail = resp.json().get("detail", resp.text)
-    except ValueError:
+        body = resp.json()
+        detail = body.get("detail") or body.get("error", {}).get("message") or resp.text
+    except (ValueError, AttributeError):
         detail = resp.text
     return f"{resp.status_code}: {detail}"
+
+
+def served_locally() -> bool:
+    """Whether this UI listens on this machine only (Streamlit with no address listens on all)."""
+    return (st.get_option("server.address") or "") in LOCAL_ADDRESSES
 
 
 def call(method: str, path: str, **kwargs) -> dict | list | None:
@@ -124,8 +136,8 @@ def failed(message: str) -> dict:
 def stream_answer(question: str, k: int, mode: str) -> dict:
     """Ask the API for a streamed answer and write it into the page as it comes.
 
-    Returns the chat turn to keep: {"answer": the final answer} or {"error": message}; when no
-    answer can be given (no model: 503) also {"hits": search results} to show instead.
+    Returns the chat turn to keep: {"answer": the final answer} or {"error": message}. Without a
+    reader the API's answer is the matching passages (`answer` null, `reader_unavailable`).
     """
     body = {"question": question, "k": k, "mode": mode, "stream": True}
     final: dict = {}
@@ -141,19 +153,27 @@ def stream_answer(question: str, k: int, mode: str) -> dict:
         with httpx.stream("POST", f"{API_URL}/v1/ask", json=body, timeout=TIMEOUT) as resp:
             if resp.status_code >= 400:
                 resp.read()
-                turn = failed(error_message(resp))
-                if resp.status_code == 503 and (hits := search(question, k, mode)) is not None:
-                    st.caption("No answer possible: the passages that match your question are below.")
-                    turn["hits"] = hits
-                    show_hits(hits)
-                return turn
+                return failed(error_message(resp))
             st.write_stream(map(plain, pieces(resp.iter_lines())))
     except httpx.HTTPError as exc:
         return failed(f"Cannot reach the API at {API_URL}: {exc}")
     if final.get("type") != "answer":
         return failed(f"The answer stopped: {final.get('detail', 'the stream ended early')}")
-    show_sources(final)
+    show_answer(final, streamed=True)
     return {"answer": final}
+
+
+def show_answer(answer: dict, streamed: bool = False) -> None:
+    """An answer (its text unless it was just streamed, then its sources), or, when no reader
+    could answer, why not and the passages that match instead."""
+    if answer["answer"] is None:
+        st.warning(f"No answer: {answer.get('reader_unavailable', 'no reader model')}")
+        st.caption("The passages that match your question:")
+        show_hits(answer["sources"])
+        return
+    if not streamed:
+        st.markdown(plain(answer["answer"]))
+    show_sources(answer)
 
 
 def show_sources(answer: dict) -> None:
@@ -199,12 +219,9 @@ def show_turn(turn: dict) -> None:
         st.text(turn["question"])
     with st.chat_message("assistant"):
         if "answer" in turn:
-            st.markdown(plain(turn["answer"]["answer"]))
-            show_sources(turn["answer"])
-            return
-        st.error(turn["error"])
-        if "hits" in turn:
-            show_hits(turn["hits"])
+            show_answer(turn["answer"])
+        else:
+            st.error(turn["error"])
 
 
 def chat_page() -> None:
@@ -225,18 +242,65 @@ def chat_page() -> None:
             history.append({"question": question, **stream_answer(question, k, mode)})
 
 
+def progress_text(event: dict) -> str:
+    if event["stage"]:
+        return f"{event['stage'].capitalize()}…"
+    text = f"{event['files_done']}/{event['files_total']} files, {event['chunks_done']} chunks"
+    name = event["current_path"].rsplit("/", 1)[-1]
+    done, total = event["file_chunks_done"], event["file_chunks_total"]
+    if name and total and done < total:  # a large file: its own progress
+        return f"{text} · {name}: {done}/{total} chunks"
+    return f"{text} · {name}" if name else text
+
+
+def ingest_with_progress(body: dict, headers: dict) -> dict | None:
+    """POST /v1/ingest as a stream of progress events, shown as a bar; the report, or None after
+    showing the error."""
+    bar = st.progress(0.0, text="Starting…")
+    try:
+        with httpx.stream(
+            "POST", f"{API_URL}/v1/ingest", json={**body, "stream": True}, headers=headers, timeout=TIMEOUT
+        ) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                bar.empty()
+                st.error(error_message(resp))
+                return None
+            for event in sse_events(resp.iter_lines()):
+                if event["type"] == "report":
+                    bar.progress(1.0, text="Done")
+                    return event
+                if event["type"] == "error":
+                    bar.empty()
+                    st.error(f"Ingest failed: {event['detail']}")
+                    return None
+                total, part = event["files_total"], event["file_chunks_total"]
+                done = event["files_done"] + (event["file_chunks_done"] / part if part else 0)
+                bar.progress(min(done / total, 1.0) if total else 0.0, text=progress_text(event))
+    except httpx.HTTPError as exc:
+        st.error(f"Cannot reach the API at {API_URL}: {exc}")
+        return None
+    st.error("The ingest stream ended early")
+    return None
+
+
 def admin_page() -> None:
     st.title("Admin: ingest and manage documents")
     key = st.text_input("API key", type="password", help="The server's RAG_API_KEY.")
     headers = {"X-API-Key": key} if key else {}
+    if not served_locally():  # anyone who can reach this page could read the document list
+        if not key:
+            st.info("This web UI is served to other machines: enter the API key to manage documents.")
+            return
+        if call("GET", "/v1/admin", headers=headers) is None:
+            return
     with st.form("ingest"):
         paths = st.text_area("Folders or files on the server, one per line", value="docs")
         prune = st.checkbox("Remove documents whose files are gone (prune)")
         go = st.form_submit_button("Ingest")
     if go:
         body = {"paths": [p.strip() for p in paths.splitlines() if p.strip()], "prune": prune}
-        with st.spinner("Ingesting…"):
-            report = call("POST", "/v1/ingest", json=body, headers=headers)
+        report = ingest_with_progress(body, headers)
         if report is not None:
             st.success(
                 f"{report['ingested']} ingested, {report['unchanged']} unchanged, "

@@ -123,6 +123,7 @@ def ui_server(
 ) -> Iterator[str]:
     """A running API and the web UI talking to it; yields the UI's URL, stops both after."""
     with api_server(root, index, api_key, model_dir) as api_url:
+        warm_up(api_url)
         proc, url = start_ui(api_url, address)
         try:
             yield url

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from tests.app.servers import CHROMIUM, KEY, chromium_page, ui_server
+from tests.app.servers import CHROMIUM, KEY, chromium_page, listening_on, ui_server
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium)")
 
@@ -48,4 +48,44 @@ def test_admin_page_lists_documents_and_refuses_a_wrong_key(ui, page):
     key.press("Enter")  # Streamlit commits a text input on Enter/blur, then reruns the script
     page.wait_for_timeout(1500)
     page.get_by_role("button", name="Ingest").click()
-    page.get_by_text("missing or wrong X-API-Key").first.wait_for(timeout=60_000)
+    page.get_by_text("missing or wrong API key").first.wait_for(timeout=60_000)
+
+
+def test_ui_listens_on_this_machine_only_and_shows_no_deploy_button(ui, page):
+    assert listening_on(int(ui.rsplit(":", 1)[1])) == {"127.0.0.1"}  # not every interface
+    page.goto(ui)
+    page.get_by_text("Search your documents").or_(page.get_by_text("Ask your documents")).wait_for(
+        timeout=60_000
+    )
+    assert page.get_by_role("button", name="Deploy").count() == 0
+    assert page.get_by_text("Deploy", exact=True).count() == 0
+
+
+def test_admin_ingest_shows_progress_then_the_report(ui, page, corpus):
+    page.goto(ui)
+    page.get_by_text("Admin").click()
+    key = page.locator('input[aria-label="API key"]')
+    key.fill(KEY)
+    key.press("Enter")
+    page.wait_for_timeout(1500)
+    page.get_by_label("Folders or files on the server, one per line").fill(str(corpus / "docs"))
+    page.get_by_role("button", name="Ingest").click()
+    page.get_by_text(re.compile(r"\d+ ingested, \d+ unchanged")).wait_for(timeout=120_000)
+    page.get_by_text("Done").wait_for(timeout=10_000)  # the progress bar's last state
+
+
+def test_served_to_other_machines_the_admin_page_wants_the_key(corpus, page):
+    with ui_server(corpus, corpus / "index", KEY, address="0.0.0.0") as url:
+        assert listening_on(int(url.rsplit(":", 1)[1])) == {"0.0.0.0"}
+        page.goto(url)
+        page.get_by_text("Admin").click()
+        page.get_by_text("enter the API key to manage documents").wait_for(timeout=60_000)
+        assert page.get_by_text("Documents (").count() == 0 and page.get_by_text("Index").count() == 0
+        key = page.locator('input[aria-label="API key"]')
+        key.fill("wrong-key")
+        key.press("Enter")
+        page.get_by_text("missing or wrong API key").first.wait_for(timeout=60_000)
+        assert page.get_by_text("Documents (").count() == 0
+        key.fill(KEY)
+        key.press("Enter")
+        page.get_by_text("Documents (").wait_for(timeout=60_000)

@@ -1,6 +1,6 @@
 """The chat page in a real headless Chromium, against a real API server, index and reader model.
 
-The server starts without a reader model: the page shows the API's 503 and search results.
+The server starts without a reader model: the page shows why and the passages that match.
 Then a model is saved where the server looks, and the same page streams a cited answer.
 """
 
@@ -42,7 +42,7 @@ def test_chat_falls_back_to_search_then_streams_a_cited_answer(ui, model_dirs, t
         page.goto(ui)
         page.get_by_text("Chat", exact=True).click()
         ask(page, QUESTION)
-        page.get_by_text(f"no reader model at {serving}").wait_for(timeout=60_000)
+        page.get_by_text(f"No answer: no reader model at {serving}").wait_for(timeout=60_000)
         page.get_by_text("[1] Zebras").wait_for(timeout=30_000)  # the search results instead
         page.get_by_text(re.compile(r"score \d\.\d{4}")).first.wait_for(timeout=10_000)
 
