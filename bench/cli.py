@@ -174,3 +174,26 @@ def answer_cmd(
     from bench.answer import run
 
     _run_lm_bench("Answer latency", as_json, threads, run, model_dir=model, questions=questions, k=k)
+
+
+@app.command("api")
+def api_cmd(
+    index: Path | None = typer.Option(None, help="Serve this index (default: a generated one of --chunks)."),
+    model: Path | None = typer.Option(None, help="Reader checkpoint (default: RAG_MODEL_DIR)."),
+    chunks: int = typer.Option(10_000, min=100, help="Chunks of the generated index."),
+    search_clients: int = typer.Option(16, min=1, help="Clients searching at once."),
+    searches: int = typer.Option(100, min=5, help="Searches per client."),
+    answer_clients: int = typer.Option(4, min=1, help="Clients asking for answers at once."),
+    answers: int = typer.Option(10, min=1, help="Answers per client."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Load on a real server: errors, p50/p95 and throughput of searches and answers, peak RSS."""
+    from rich.console import Console
+
+    from bench.api import run
+
+    console = Console(stderr=True, quiet=as_json)
+    result = run(
+        index, model, chunks, search_clients, searches, answer_clients, answers, progress=console.print
+    )
+    _show("API under load", result, as_json)
