@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 INDEX ?= index
 API_PORT ?= 8000
 UI_PORT ?= 8501
+UI_HOST ?= 127.0.0.1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
@@ -20,16 +21,16 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -e '.[dev]'
 	touch $@
 
+# The documentation is the demo corpus (its Markdown only: docs/img holds pictures).
 ingest: install
-	$(BIN)/rag ingest docs --index $(INDEX)
+	$(BIN)/rag ingest $(wildcard docs/*.md) --index $(INDEX)
 
-# API in the background, the web UI in the foreground; Ctrl-C stops both.
-# Admin endpoints (ingest, delete) need RAG_API_KEY set: `RAG_API_KEY=secret make run`.
+# The API and the web UI, both on this machine only, from one process (`rag serve --ui`): a port in
+# use stops it at once with one line, and the UI starts only once the API answers. Ctrl-C stops both.
+# Admin endpoints (ingest, delete) need RAG_API_KEY set: `RAG_API_KEY=secret make run`. To serve the
+# UI to other machines: `make run UI_HOST=0.0.0.0` (its admin page then asks for the key).
 run: ingest
-	RAG_INDEX_DIR=$(INDEX) $(BIN)/uvicorn app.api:app --host 127.0.0.1 --port $(API_PORT) --timeout-graceful-shutdown 5 & api=$$!; \
-	trap "kill $$api" EXIT INT TERM; \
-	RAG_API_URL=http://127.0.0.1:$(API_PORT) $(BIN)/streamlit run app/ui.py --server.port $(UI_PORT) \
-		--server.headless true --browser.gatherUsageStats false
+	$(BIN)/rag serve --index $(INDEX) --host 127.0.0.1 --port $(API_PORT) --ui --ui-host $(UI_HOST) --ui-port $(UI_PORT)
 
 # The reader, our own LLM, trained here. Without a GPU (the default): the CPU recipe, all-MiniLM-L6-v2
 # (the embedding model's own weights) warm-started as a prefix-LM with a copy head, fine-tuned on
