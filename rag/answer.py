@@ -12,6 +12,7 @@ avoid.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field, replace
@@ -33,6 +34,7 @@ T = TypeVar("T")
 DEFAULT_MAX_NEW_TOKENS = 96  # answers are short: a span and its citation, or the abstention sentence
 CALIBRATION_FILE = "reader.json"  # next to a checkpoint: the abstention threshold chosen on dev data
 DEFAULT_ABSTAIN_MARGIN = 0.0  # before calibration: answer when the span beats the abstention path
+DEFAULT_SELECT_WEIGHT = 1.0  # before calibration: rank sources by the margin (see Reader.choose)
 
 
 class ReaderUnavailable(ValueError):
@@ -151,6 +153,7 @@ class Reader:
         decoder: CompiledDecoder | None = None,
         abstain_margin: float = DEFAULT_ABSTAIN_MARGIN,
         starts: int = DEFAULT_STARTS,
+        select_weight: float = DEFAULT_SELECT_WEIGHT,
     ):
         """max_new_tokens: the default answer room, DEFAULT_MAX_NEW_TOKENS, or half the context of
         a model too small for that."""
@@ -161,7 +164,7 @@ class Reader:
         self.max_new_tokens = max_new_tokens
         self._check_room(max_new_tokens)
         self.source_reader = SourceReader(model, tokenizer, starts=starts) if model.copy is not None else None
-        self.abstain_margin = abstain_margin
+        self.abstain_margin, self.select_weight = abstain_margin, select_weight
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu", **kw) -> Reader:
@@ -180,6 +183,7 @@ class Reader:
                 saved = json.loads(calibration.read_text())
                 kw.setdefault("abstain_margin", float(saved["abstain_margin"]))
                 kw.setdefault("starts", int(saved.get("starts", DEFAULT_STARTS)))
+                kw.setdefault("select_weight", float(saved.get("select_weight", DEFAULT_SELECT_WEIGHT)))
         except Exception as e:  # corrupt json, torn safetensors (SafetensorError), wrong shapes, ...
             raise ReaderUnavailable(f"reader model at {path} cannot be loaded: {e}") from e
         return cls(model, tokenizer, **kw)  # bad keywords (max_new_tokens) are the caller's ValueError
@@ -261,26 +265,9 @@ class Reader:
         start, timings = time.perf_counter(), {}
         reads = self.source_reader.read(prompts, config.grounded, config.max_new_tokens, timings=timings)
         best = self.choose(reads)
-        quote = None
-        if best is None:
-            text, evidence = ABSTAIN, []
-        elif config.grounded:
-            prompt = prompts[best.row]
-            a, b = prompt.char_span(*best.span)
-            src = prompt.source
-            text = f"{src.text[a:b]} [{src.n}]"
-            evidence = evidence_spans(prompt, best.evidence)
-            quote = {
-                "n": src.n,
-                "doc_id": src.doc_id,
-                "path": src.path,
-                "page": src.page,
-                "start": src.start + a,
-                "end": src.start + b,
-                "text": src.text[a:b],
-            }
-        else:
-            text, evidence = self.tokenizer.decode(best.token_ids, skip_special=True).strip(), []
+        text, evidence, quote = (
+            (ABSTAIN, [], None) if best is None else self.render(prompts, best, config.grounded)
+        )
         yield text
         timings |= {
             "generate_ms": _ms(start),
@@ -292,7 +279,7 @@ class Reader:
         timings["cite_ms"] = _ms(cite_start)
         scores = {}
         if reads:
-            top = max(reads, key=lambda r: r.span_logprob)
+            top = best or self.choose(reads, abstain_margin=-math.inf) or reads[0]
             scores = {
                 "span_logprob": top.span_logprob,
                 "margin": top.margin,
@@ -312,14 +299,47 @@ class Reader:
             quote=quote,
         )
 
-    def choose(self, reads: Sequence[RowRead]) -> RowRead | None:
-        """The source whose answer scores best, or None to abstain: no source yields a span, or the
-        best span's margin over its abstention path is below abstain_margin."""
+    def render(
+        self, prompts: Sequence[SourcePrompt], read: RowRead, grounded: bool = True
+    ) -> tuple[str, list[dict], dict | None]:
+        """(answer text, evidence, quote) of one source's read. Grounded: the source's own
+        characters at the span's offsets + its [n]; free: the decoded tokens as the model wrote them."""
+        if not grounded:
+            return self.tokenizer.decode(read.token_ids, skip_special=True).strip(), [], None
+        prompt = prompts[read.row]
+        a, b = prompt.char_span(*read.span)
+        src = prompt.source
+        quote = {
+            "n": src.n,
+            "doc_id": src.doc_id,
+            "path": src.path,
+            "page": src.page,
+            "start": src.start + a,
+            "end": src.start + b,
+            "text": src.text[a:b],
+        }
+        return f"{src.text[a:b]} [{src.n}]", evidence_spans(prompt, read.evidence), quote
+
+    def choose(
+        self,
+        reads: Sequence[RowRead],
+        select_weight: float | None = None,
+        abstain_margin: float | None = None,
+    ) -> RowRead | None:
+        """The source whose answer scores best, or None to abstain.
+
+        Sources are ranked by span_logprob - select_weight * abstain_logprob: the span's own score,
+        and how sure the reader is that the answer is in that source at all (weight 1 ranks by the
+        margin; calibrated on dev data, more weight on the second part picks the gold more often).
+        The reader abstains when no source yields a span, or the chosen span's margin over its
+        abstention path is below abstain_margin."""
+        weight = self.select_weight if select_weight is None else select_weight
+        margin = self.abstain_margin if abstain_margin is None else abstain_margin
         found = [r for r in reads if r.token_ids]
         if not found:
             return None
-        best = max(found, key=lambda r: r.span_logprob)
-        return best if best.margin >= self.abstain_margin else None
+        best = max(found, key=lambda r: r.span_logprob - weight * r.abstain_logprob)
+        return best if best.margin >= margin else None
 
     def _stream(
         self, question: str, prompt: Prompt, config: GenerationConfig

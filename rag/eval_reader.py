@@ -5,10 +5,11 @@ the training-data builder (rag.reader_data) with a fixed seed: the model sees ex
 prompt it was trained on, and retrieval errors do not blur the reader's own numbers. The answer
 metrics are the official SQuAD v1.1 ones.
 
-The grounded reader (rag.llm.grounded) is run without its abstention threshold and each row keeps
-the best span's margin over the abstention path, so the threshold can be applied afterwards and
-calibrated: `calibrate_margin` picks the margin that maximises the SQuAD 2.0-style score (F1 on
-answerable rows, 1 for abstaining on unanswerable ones) on questions the evaluation does not use.
+A per-source reader (rag.llm.grounded) reads each example once (`read_examples`); what it
+answers is decided afterwards (`decide`: which source, abstain or not), so the choice can be
+calibrated: `calibrate_choice` picks the source-choice weight (Reader.choose) and the abstention
+margin that maximise the SQuAD 2.0-style score (F1 on answerable rows, 1 for abstaining on
+unanswerable ones) on questions the evaluation does not use.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -25,6 +28,7 @@ from tqdm import tqdm
 from rag.answer import Reader, is_abstention
 from rag.citations import STOP_WORDS, parse_citations
 from rag.llm.generate import GenerationConfig, generate
+from rag.llm.grounded import RowRead
 from rag.prompt import ABSTAIN, Source
 from rag.reader_data import (
     DEFAULT_ABSTAIN,
@@ -120,27 +124,17 @@ def decode_and_score(
 ) -> Iterator[tuple[ReaderExample, dict, dict]]:
     """(example, model row, baseline row) per example, each output scored with score_reader_output.
 
-    A reader that reads sources one prompt each (rag.llm.grounded) answers example by example (its
-    sources are one batch) and never abstains here: its row keeps the best answer, its margin over
-    the abstention path and its latency, and `apply_margin` decides abstention afterwards. Other
-    readers decode greedy batches of whole prompts (rows stop independently at EOS)."""
+    Whole-prompt readers decode greedy batches (rows stop independently at EOS). A reader that reads
+    sources one prompt each answers as it would serve (its calibrated choice and margin); to
+    calibrate that choice, decode once with `read_examples` and decide with `decide`."""
+    if reader.source_reader is not None:
+        for ex, decoded in zip(
+            examples, read_examples(reader, examples, grounded, show_progress), strict=True
+        ):
+            yield ex, decide(reader, decoded, ex), _baseline(ex)
+        return
     config = GenerationConfig(max_new_tokens=reader.max_new_tokens, grounded=grounded)
     with tqdm(total=len(examples), desc="reader eval", unit="q", disable=not show_progress) as bar:
-        if reader.source_reader is not None:
-            never_abstain, reader.abstain_margin = reader.abstain_margin, -math.inf
-            try:
-                for ex in examples:
-                    answer = reader.answer_sources(ex.question, ex.prompt.sources, config)
-                    row = score_reader_output(answer.text, ex) | {
-                        "finish": answer.finish_reason,
-                        "margin": answer.scores.get("margin", -math.inf),
-                        "ms": answer.timings["generate_ms"],
-                    }
-                    yield ex, row, _baseline(ex)
-                    bar.update(1)
-            finally:
-                reader.abstain_margin = never_abstain
-            return
         for i in range(0, len(examples), batch_size):
             batch = examples[i : i + batch_size]
             outputs = generate(reader.model, reader.tokenizer, [ex.prompt.ids for ex in batch], config)
@@ -148,6 +142,66 @@ def decode_and_score(
                 model = score_reader_output(out.text.strip(), ex) | {"finish": out.finish_reason}
                 yield ex, model, _baseline(ex)
             bar.update(len(batch))
+
+
+@dataclass
+class Decoded:
+    """One example read by a per-source reader: every source's answer and scores, before choosing."""
+
+    reads: list[RowRead]
+    texts: list[str]  # each source's answer as it would be shown ("" without a span)
+    ms: float  # answer time: prefill + decode of all its sources
+
+
+def read_examples(
+    reader: Reader, examples: Sequence[ReaderExample], grounded: bool = True, show_progress: bool = False
+) -> list[Decoded]:
+    config = GenerationConfig(max_new_tokens=reader.max_new_tokens, grounded=grounded)
+    decoded = []
+    for ex in tqdm(examples, desc="reader eval", unit="q", disable=not show_progress):
+        prompts = reader.source_prompts(ex.question, ex.prompt.sources, config.max_new_tokens)
+        start = time.perf_counter()
+        reads = reader.source_reader.read(prompts, grounded, config.max_new_tokens) if prompts else []
+        ms = (time.perf_counter() - start) * 1000
+        texts = [reader.render(prompts, r, grounded)[0] if r.token_ids else "" for r in reads]
+        decoded.append(Decoded(reads, texts, ms))
+    return decoded
+
+
+def decide(
+    reader: Reader,
+    decoded: Decoded,
+    example: ReaderExample,
+    select_weight: float | None = None,
+    margin: float | None = None,
+) -> dict:
+    """The scored row of the answer the reader gives with these choice settings (default: its own)."""
+    best = reader.choose(decoded.reads, select_weight, margin)
+    chosen = best or reader.choose(decoded.reads, select_weight, -math.inf)
+    text = ABSTAIN if best is None else decoded.texts[best.row]
+    return score_reader_output(text, example) | {
+        "finish": "stop",
+        "margin": chosen.margin if chosen else -math.inf,
+        "ms": decoded.ms,
+    }
+
+
+SELECT_WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)  # source-choice weights tried by calibrate_choice
+
+
+def calibrate_choice(
+    reader: Reader, decoded: Sequence[Decoded], examples: Sequence[ReaderExample]
+) -> tuple[float, float, float]:
+    """(select_weight, abstain_margin, score): the source-choice weight (Reader.choose) and the
+    abstention margin that maximise abstention_score on these examples."""
+    best = (reader.select_weight, reader.abstain_margin, -math.inf)
+    for weight in SELECT_WEIGHTS:
+        rows = [decide(reader, d, ex, weight, -math.inf) for d, ex in zip(decoded, examples, strict=True)]
+        margin = calibrate_margin(rows, examples)
+        score = abstention_score([apply_margin(r, ex, margin) for r, ex in zip(rows, examples, strict=True)])
+        if score > best[2]:
+            best = (weight, margin, score)
+    return best
 
 
 def _baseline(ex: ReaderExample) -> dict:
@@ -231,6 +285,7 @@ def evaluate_reader(
     calibrate: int | None = None,
     abstain_margin: float | None = None,
     starts: int | None = None,
+    select_weight: float | None = None,
 ) -> dict:
     """EM, F1, citation and abstention metrics of a reader checkpoint and of overlap_baseline.
 
@@ -251,6 +306,8 @@ def evaluate_reader(
         reader, max_tokens = load_reader(model_dir, device, max_new_tokens)
         if starts is not None and reader.source_reader is not None:
             reader.source_reader.starts = starts
+        if select_weight is not None:
+            reader.select_weight = select_weight
         squad = load_squad(squad_path)
 
         def builder() -> ExampleBuilder:
@@ -275,7 +332,10 @@ def evaluate_reader(
         calibrated = None
         if calibrate and reader.source_reader is not None:
             cal_examples = list(builder()(calibrate, offset=limit or 0))
-            calibrated = calibrate_margin(run(cal_examples)[0], cal_examples)
+            decoded = read_examples(reader, cal_examples, grounded, show_progress)
+            reader.select_weight, calibrated, _ = calibrate_choice(reader, decoded, cal_examples)
+        if abstain_margin is not None or calibrated is not None:
+            reader.abstain_margin = abstain_margin if abstain_margin is not None else calibrated
         main = builder()
         examples = list(main(limit))
         if not examples:
@@ -283,9 +343,6 @@ def evaluate_reader(
                 f"no example could be built from {squad_path}: skipped {dict(main.stats.skipped)}"
             )
         model_rows, baseline_rows = run(examples)
-        margin = next(m for m in (abstain_margin, calibrated, reader.abstain_margin) if m is not None)
-        if reader.source_reader is not None:
-            model_rows = [apply_margin(r, ex, margin) for r, ex in zip(model_rows, examples, strict=True)]
         if out is not None:
             for ex, m, b in zip(examples, model_rows, baseline_rows, strict=True):
                 row = {"id": ex.id, "question": ex.question, "answers": ex.answers, "model": m, "baseline": b}
@@ -311,7 +368,8 @@ def evaluate_reader(
     if reader.source_reader is not None:
         result |= {
             "grounded": grounded,
-            "abstain_margin": margin,
+            "abstain_margin": reader.abstain_margin,
+            "select_weight": reader.select_weight,
             "starts": reader.source_reader.starts,
             "calibrated_on": calibrate if calibrated is not None else None,
             "latency": latency(model_rows),
@@ -328,6 +386,7 @@ def save_reader_calibration(model_dir: str | Path, result: dict) -> Path:
     path = Path(model_dir) / CALIBRATION_FILE
     record = {
         "abstain_margin": result["abstain_margin"],
+        "select_weight": result["select_weight"],
         "starts": result["starts"],
         "calibrated_on_questions": result["calibrated_on"],
         "squad": Path(result["squad"]).name,
