@@ -138,7 +138,8 @@ def test_answers_cite_the_sources_they_came_from(reader, retriever, expected, qu
     assert answer.text == expected[question] and answer.finish_reason == "stop"
     assert not answer.abstained
     assert [s.chunk_id for s in answer.sources] == [h.chunk_id for h in hits]
-    assert [s.n for s in answer.sources] == [1, 2]
+    # numbered 1..k; a query the embedder cannot read is BM25 alone, which may match fewer chunks
+    assert [s.n for s in answer.sources] == list(range(1, len(hits) + 1)) and hits
     for c in answer.citations:
         assert c.valid and c.supported, c
         assert c.source == answer.sources[c.n - 1]
