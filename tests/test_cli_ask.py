@@ -61,7 +61,8 @@ def test_json_is_the_answer_dict(setup) -> None:
     (c,) = d["citations"]
     assert c["valid"] and c["supported"] and c["sentence"] == "V Pražském hradu"
     assert Path(c["source"]["path"]).name == "hrad.txt" and c["source"] == d["sources"][c["n"] - 1]
-    assert len(d["sources"]) == K and set(d["timings"]) >= {"retrieve_ms", "generate_ms"}
+    # at most K: a Czech query is BM25 alone (the embedder cannot read it), which may match fewer chunks
+    assert 1 <= len(d["sources"]) <= K and set(d["timings"]) >= {"retrieve_ms", "generate_ms"}
 
 
 def test_streamed_answer_then_citation_table(setup) -> None:
