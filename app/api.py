@@ -54,6 +54,16 @@ from rag.types import Hit
 MAX_QUERY_CHARS = 2000
 MAX_PATHS = 100
 MAX_PATH_CHARS = 4096
+# The `rag` extension of chat completions: the answer's grounding, as /v1/ask gives it
+RAG_EXTENSION_KEYS = (
+    "abstained",
+    "citations",
+    "sources",
+    "finish_reason",
+    "quote",
+    "evidence",
+    "cut_sources",
+)
 MAX_ASK_K = 20  # more sources than a 1k-token context can show only get cut from the prompt
 MAX_NEW_TOKENS = 512
 MAX_MESSAGES = 50
@@ -266,7 +276,7 @@ class ChatCompletion:
     @staticmethod
     def rag(answer: Answer) -> dict:
         whole = answer.to_dict()
-        return {key: whole[key] for key in ("abstained", "citations", "sources", "finish_reason")}
+        return {key: whole[key] for key in RAG_EXTENSION_KEYS}
 
     def whole(self, answer: Answer) -> dict:
         message = {"role": "assistant", "content": answer.text}

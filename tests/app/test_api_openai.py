@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from app.api import RAG_EXTENSION_KEYS
 from tests.app.readers import ANSWER, QUESTION, save_parrot
 from tests.app.servers import api_server
 from tests.app.test_api_ask import ask, events, server_with
@@ -36,7 +37,7 @@ def user(content: str | list) -> list[dict]:
 
 def rag_of(asked: dict) -> dict:
     """The `rag` extension a chat completion carries for the /v1/ask answer `asked`."""
-    return {key: asked[key] for key in ("abstained", "citations", "sources", "finish_reason")}
+    return {key: asked[key] for key in RAG_EXTENSION_KEYS}
 
 
 @pytest.mark.parametrize(
