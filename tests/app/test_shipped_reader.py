@@ -57,3 +57,25 @@ def test_unrelated_question_is_not_answered_from_a_wrong_source(shipped):
     r = httpx.post(f"{shipped}/v1/ask", json={"question": "Who won the 1998 FIFA World Cup?"}, timeout=120)
     assert r.status_code == 200, r.text
     assert r.json()["abstained"], r.json()
+
+
+def test_chat_page_highlights_the_quote_and_the_evidence(corpus, tmp_path):
+    """In a real browser: the shipped reader's answer, then its source with the quoted answer and
+    the words it attended to most highlighted."""
+    from tests.app.servers import CHROMIUM, chromium_page, ui_server
+
+    if CHROMIUM is None:
+        pytest.skip("no chromium on PATH (apt-get install chromium)")
+    with ui_server(corpus, corpus / "index", model_dir=SHIPPED) as url, chromium_page() as page:
+        page.goto(url)
+        page.get_by_text("Chat", exact=True).click()
+        box = page.get_by_placeholder("Ask a question about your documents")
+        box.fill("What coats do zebras have?")
+        box.press("Enter")
+        page.get_by_text("what the reader attended to most").wait_for(timeout=120_000)
+        marked = page.locator("span", has_text="striped").filter(has_not=page.locator("span")).first
+        marked.wait_for(timeout=10_000)
+        color = marked.evaluate("e => getComputedStyle(e).backgroundColor")
+        assert color not in ("rgba(0, 0, 0, 0)", "transparent"), color  # drawn with a background
+        page.screenshot(path=str(tmp_path / "highlight.png"), full_page=True)
+    assert (tmp_path / "highlight.png").stat().st_size > 10_000
