@@ -542,6 +542,15 @@ def print_squad_eval(squad: Path, index: Path | None, show: bool) -> None:
     )
 
 
+def print_reader_metrics(title: str, result: dict) -> None:
+    """The reader's metrics next to the baseline's, one row each."""
+    table = Table("metric", "model", "baseline", title=title)
+    for metric, value in result["model"].items():
+        base = result["baseline"][metric]
+        table.add_row(metric, *("n/a" if v is None else f"{v:.4f}" for v in (value, base)))
+    console.print(table)
+
+
 @eval_app.command("reader")
 @user_errors
 def eval_reader_cmd(
@@ -666,11 +675,7 @@ def eval_reader_cmd(
         )
         if as_json:
             return emit_json(result)
-        table = Table("metric", "model", "baseline", title=f"{squad.name}, open ({mode}, k={k})")
-        for metric, value in result["model"].items():
-            base = result["baseline"][metric]
-            table.add_row(metric, *("n/a" if v is None else f"{v:.4f}" for v in (value, base)))
-        console.print(table)
+        print_reader_metrics(f"{squad.name}, open ({mode}, k={k})", result)
         console.print(
             f"{result['examples']} questions ({result['unanswerable']} without their paragraph); "
             f"retrieval_hit@{k} {result[f'retrieval_hit@{k}']:.4f}; latency {result['latency']}",
@@ -702,11 +707,7 @@ def eval_reader_cmd(
         return emit_json(result)
     build = result["build"]
     title = f"{squad.name}: {result['examples']} examples from {build['questions']} questions"
-    table = Table("metric", "model", "baseline", title=title)
-    for metric, value in result["model"].items():
-        base = result["baseline"][metric]
-        table.add_row(metric, *("n/a" if v is None else f"{v:.4f}" for v in (value, base)))
-    console.print(table)
+    print_reader_metrics(title, result)
     console.print(
         f"{result['answerable']} answerable, {result['abstain']} abstention rows; skipped questions: "
         f"{build['skipped'] or 'none'}; prompts of at most {result['max_tokens']} tokens, seed {seed}; "

@@ -29,7 +29,7 @@ import json
 import os
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
@@ -320,6 +320,24 @@ def load_reader(
     return reader, reader.block_size - reader.max_new_tokens
 
 
+def write_rows(rows: Iterable[dict], out: str | Path, source: Callable[[], str]) -> int:
+    """Write JSONL rows to `out` whole (a temporary file renamed into place); the number written.
+    No rows: nothing is written and ValueError says `source()` (the input and its skip reasons)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    n = 0
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    if not n:
+        tmp.unlink()
+        raise ValueError(f"no rows built from {source()}")
+    os.replace(tmp, out)
+    return n
+
+
 def write_reader_data(
     squad_path: str | Path,
     tokenizer: Tokenizer,
@@ -331,14 +349,6 @@ def write_reader_data(
 ) -> BuildStats:
     """Build SFT rows from a SQuAD file into a JSONL file (written whole, then renamed into place)."""
     builder = ExampleBuilder(load_squad(squad_path), tokenizer, **builder_kw)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for ex in builder(limit, progress):
-            f.write(json.dumps(ex.to_row(), ensure_ascii=False) + "\n")
-    if not builder.stats.rows:
-        tmp.unlink()
-        raise ValueError(f"no rows built from {squad_path}: skipped {dict(builder.stats.skipped)}")
-    os.replace(tmp, out)
+    rows = (ex.to_row() for ex in builder(limit, progress))
+    write_rows(rows, out, lambda: f"{squad_path}: skipped {dict(builder.stats.skipped)}")
     return builder.stats

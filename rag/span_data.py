@@ -20,8 +20,6 @@ Rows are deterministic per (seed, question id) and written as JSONL of token ids
 
 from __future__ import annotations
 
-import json
-import os
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -31,7 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from rag.prompt import Source, SourcePrompt, build_source_prompt
-from rag.reader_data import DEFAULT_SOURCES, Squad, SquadQuestion, load_squad, select_questions
+from rag.reader_data import DEFAULT_SOURCES, Squad, SquadQuestion, load_squad, select_questions, write_rows
 from rag.squad import mentions_answer
 
 DEFAULT_NEGATIVES = 0.7  # no-answer rows per question
@@ -171,14 +169,6 @@ def write_span_rows(
 ) -> SpanStats:
     """Build the rows of a SQuAD file into a JSONL file (written whole, then renamed into place)."""
     builder = SpanRowBuilder(load_squad(squad_path), tokenizer, **builder_kw)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in builder(limit, progress):
-            f.write(json.dumps(row.to_row()) + "\n")
-    if not builder.stats.answer_rows:
-        tmp.unlink()
-        raise ValueError(f"no rows built from {squad_path}: skipped {dict(builder.stats.skipped)}")
-    os.replace(tmp, out)
+    rows = (row.to_row() for row in builder(limit, progress))
+    write_rows(rows, out, lambda: f"{squad_path}: skipped {dict(builder.stats.skipped)}")
     return builder.stats

@@ -49,6 +49,10 @@ EXAMPLES = {
     "How many moons does Jupiter have?": ABSTAIN,
 }
 K = 2
+# the JSON shape of an answer (rag ask --json, POST /v1/ask): the answer's own keys, then the
+# grounded reader's (empty or None for a from-scratch reader)
+ANSWER_KEYS = ["question", "answer", "abstained", "citations", "sources", "finish_reason", "timings"]
+ANSWER_KEYS += ["evidence", "cut_sources", "scores", "quote"]
 TINY = dict(vocab_size=600, block_size=512, n_layer=2, n_head=4, n_kv_head=2, d_model=64)
 
 
@@ -224,19 +228,7 @@ def test_length_limit_and_bad_input(reader, retriever) -> None:
 def test_to_dict_is_the_shared_json_shape(reader, retriever) -> None:
     answer = ask("Яке місто є столицею України?", retriever, reader, k=K)
     d = json.loads(json.dumps(answer.to_dict(), ensure_ascii=False))
-    assert list(d) == [
-        "question",
-        "answer",
-        "abstained",
-        "citations",
-        "sources",
-        "finish_reason",
-        "timings",
-        "evidence",
-        "cut_sources",
-        "scores",
-        "quote",
-    ]
+    assert list(d) == ANSWER_KEYS
     assert d["evidence"] == [] and d["cut_sources"] == [] and d["quote"] is None  # no copy head
     assert d["question"] == "Яке місто є столицею України?" and d["answer"] == answer.text
     (c,) = d["citations"]

@@ -13,7 +13,7 @@ from rag.cli import app
 from rag.llm.checkpoint import save_checkpoint
 from rag.prompt import ABSTAIN
 from rag.retrieve import open_retriever
-from tests.test_answer import K, build_index, expected_answers, train_reader, train_tokenizer
+from tests.test_answer import ANSWER_KEYS, K, build_index, expected_answers, train_reader, train_tokenizer
 
 runner = CliRunner()
 ENV = {"COLUMNS": "200", "NO_COLOR": "1"}
@@ -42,16 +42,7 @@ def test_json_is_the_answer_dict(setup) -> None:
     result = rag_ask(question, index, model, "--json")
     assert result.exit_code == 0, result.output
     d = json.loads(result.stdout)  # stdout holds the JSON only: no streamed pieces
-    # the answer's own keys first (the reader adds its evidence, quote, ... after them)
-    assert list(d)[:7] == [
-        "question",
-        "answer",
-        "abstained",
-        "citations",
-        "sources",
-        "finish_reason",
-        "timings",
-    ]
+    assert list(d) == ANSWER_KEYS
     assert (d["question"], d["answer"], d["abstained"], d["finish_reason"]) == (
         question,
         expected[question],

@@ -69,7 +69,45 @@ def _check_lossless(hf: HFTokenizer) -> None:
         raise ValueError("not a lossless byte-level BPE tokenizer (normalizer or prefix space); retrain it")
 
 
-class Tokenizer:
+class HFTokenizerFile:
+    """What every tokenizer of ours shares: a HuggingFace `tokenizers` pipeline (`self._tok`) kept
+    in one tokenizer.json, and the special-token ids (`self._special`). Subclasses build themselves
+    from the loaded pipeline (`cls(hf)`)."""
+
+    _tok: HFTokenizer
+    _special: dict[str, int]
+
+    @classmethod
+    def load(cls, path: str | Path):
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        try:
+            hf = HFTokenizer.from_str(path.read_text(encoding="utf-8"))
+        except Exception as e:  # the Rust side raises a bare Exception for malformed JSON
+            raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from e
+        return cls(hf)
+
+    def save(self, path: str | Path) -> None:
+        """Write tokenizer.json (a directory gets `tokenizer.json` inside it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json(), encoding="utf-8")
+
+    def to_json(self) -> str:
+        return self._tok.to_str()
+
+    def token_id(self, special: str) -> int:
+        if special not in self._special:
+            raise KeyError(f"unknown special token {special!r}; known: {list(SPECIAL_TOKENS)}")
+        return self._special[special]
+
+
+class Tokenizer(HFTokenizerFile):
     """Byte-level BPE with the RAG special tokens; see the module docstring."""
 
     def __init__(self, hf: HFTokenizer):
@@ -134,36 +172,7 @@ class Tokenizer:
         """Train on UTF-8 text files (`.gz` allowed), reading at most `max_chars` characters in all."""
         return cls.train(iter_text_blocks(paths, max_chars), vocab_size, show_progress=show_progress)
 
-    @classmethod
-    def load(cls, path: str | Path) -> Tokenizer:
-        path = Path(path)
-        if path.is_dir():
-            path = path / "tokenizer.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {path}")
-        try:
-            hf = HFTokenizer.from_str(path.read_text(encoding="utf-8"))
-        except Exception as e:  # the Rust side raises a bare Exception for malformed JSON
-            raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from e
-        return cls(hf)
-
-    def save(self, path: str | Path) -> None:
-        """Write tokenizer.json (a directory gets `tokenizer.json` inside it)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "tokenizer.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json(), encoding="utf-8")
-
-    def to_json(self) -> str:
-        return self._tok.to_str()
-
     # ---- encoding and decoding ----------------------------------------------------------------
-
-    def token_id(self, special: str) -> int:
-        if special not in self._special:
-            raise KeyError(f"unknown special token {special!r}; known: {list(SPECIAL_TOKENS)}")
-        return self._special[special]
 
     def encode(
         self, text: str, add_bos: bool = False, add_eos: bool = False, allow_special: bool = False

@@ -19,10 +19,10 @@ from pathlib import Path
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
-from rag.llm.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS
+from rag.llm.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, HFTokenizerFile
 
 
-class WordPieceTokenizer:
+class WordPieceTokenizer(HFTokenizerFile):
     """A BERT WordPiece vocabulary plus the RAG special tokens (see the module docstring)."""
 
     kind = "wordpiece"
@@ -50,30 +50,6 @@ class WordPieceTokenizer:
     def from_pretrained_dir(cls, path: str | Path) -> WordPieceTokenizer:
         """The tokenizer of a sentence-transformers / HF model folder (its tokenizer.json)."""
         return cls.load(Path(path) / "tokenizer.json")
-
-    @classmethod
-    def load(cls, path: str | Path) -> WordPieceTokenizer:
-        path = Path(path)
-        if path.is_dir():
-            path = path / "tokenizer.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {path}")
-        return cls(HFTokenizer.from_str(path.read_text(encoding="utf-8")))
-
-    def save(self, path: str | Path) -> None:
-        path = Path(path)
-        if path.is_dir():
-            path = path / "tokenizer.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_json(), encoding="utf-8")
-
-    def to_json(self) -> str:
-        return self._tok.to_str()
-
-    def token_id(self, special: str) -> int:
-        if special not in self._special:
-            raise KeyError(f"unknown special token {special!r}; known: {list(SPECIAL_TOKENS)}")
-        return self._special[special]
 
     def id_to_token(self, i: int) -> str:
         return self._tok.id_to_token(i)
