@@ -33,7 +33,9 @@ from rag.reader_data import DEFAULT_SOURCES, Squad, SquadQuestion, load_squad, s
 from rag.squad import mentions_answer
 
 DEFAULT_NEGATIVES = 0.7  # no-answer rows per question
-DEFAULT_SPAN_MAX_TOKENS = 512 - 32  # MiniLM's 512 positions minus the answer room
+DEFAULT_CONTEXT = 512  # MiniLM's learned positions
+DEFAULT_SPAN_MAX_TOKENS = DEFAULT_CONTEXT - 32  # the prompt budget: the context minus the answer room
+ANSWER_TAIL = 4  # after the span: "[", n, "]", EOS
 
 
 @dataclass
@@ -85,11 +87,12 @@ class SpanRowBuilder:
         negatives: float = DEFAULT_NEGATIVES,
         max_tokens: int = DEFAULT_SPAN_MAX_TOKENS,
         seed: int = 0,
+        context: int = DEFAULT_CONTEXT,
     ):
         if negatives < 0:
             raise ValueError(f"negatives must be >= 0, got {negatives}")
         self.squad, self.tokenizer = squad, tokenizer
-        self.negatives, self.max_tokens, self.seed = negatives, max_tokens, seed
+        self.negatives, self.max_tokens, self.seed, self.context = negatives, max_tokens, seed, context
         self.stats = SpanStats()
 
     def source(self, a: int, p: int, n: int) -> Source:
@@ -126,6 +129,8 @@ class SpanRowBuilder:
         span = token_span(prompt.offsets, q.answer_end - len(q.answers[0]), q.answer_end)
         if span is None or prompt.source.end < q.answer_end:
             return "answer_beyond_budget"
+        if len(prompt.ids) + span[1] - span[0] + 1 + ANSWER_TAIL > self.context:
+            return "answer_too_long_for_the_context"
         rows = [SpanRow(q.id, prompt, span, n)]
         count = int(self.negatives) + (rng.random() < self.negatives % 1)
         taken = {(q.article, q.paragraph)}

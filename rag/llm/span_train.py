@@ -72,16 +72,19 @@ class SpanTask:
         span_weight: float,
         val_fraction: float,
         seed: int,
+        max_len: int | None = None,
     ):
+        """max_len: the model's context; rows whose prompt and answer are longer are left out
+        (counted in `too_long`): a long answer after a prompt near the budget can overflow it."""
         self.tokenizer, self.rows, self.span_weight = tokenizer, rows, span_weight
         self.cite = {n: tokenizer.encode(f"[{n}]") for n in range(1, 100)}
         order = list(range(len(rows)))
         random.Random(seed).shuffle(order)
         n_val = max(1, int(len(order) * val_fraction))
-        self.buckets = {
-            "val": self._bucket(order[:n_val], batch_tokens),
-            "train": self._bucket(order[n_val:], batch_tokens),
-        }
+        splits = {"val": order[:n_val], "train": order[n_val:]}  # split first: the same held-out rows
+        fits = {k: [i for i in v if max_len is None or self._length(i) <= max_len] for k, v in splits.items()}
+        self.too_long = sum(len(splits[k]) - len(fits[k]) for k in splits)
+        self.buckets = {k: self._bucket(v, batch_tokens) for k, v in fits.items()}
 
     def _target(self, i: int) -> tuple[np.ndarray, list[int], list[int]]:
         """(prompt, target tokens, copy position per target: -1 = generated, not copied)."""
@@ -203,12 +206,16 @@ def train_reader(cfg: TrainConfig, data: str | Path) -> TrainResult:
         raise ValueError("the span reader needs a prefix-LM model with a copy head (preset minilm-reader)")
     freeze_lower(model, cfg.freeze_layers)
     rows = SpanRows(data)
-    task = SpanTask(
-        rows,
-        tokenizer,
-        batch_tokens=cfg.batch_tokens,
-        span_weight=cfg.span_weight,
-        val_fraction=cfg.val_fraction,
-        seed=VAL_SPLIT_SEED,
-    )
-    return run(cfg, model, lambda block: task, rt)
+
+    def task(block: int) -> SpanTask:
+        return SpanTask(
+            rows,
+            tokenizer,
+            batch_tokens=cfg.batch_tokens,
+            span_weight=cfg.span_weight,
+            val_fraction=cfg.val_fraction,
+            seed=VAL_SPLIT_SEED,
+            max_len=block,
+        )
+
+    return run(cfg, model, task, rt)

@@ -221,6 +221,11 @@ def test_span_task_overfits_a_few_rows(tokenizer, tmp_path):
         val_fraction=0.0,
         seed=0,
     )
+    assert task.too_long == 0
+    longest = max(task._length(i) for i in range(len(task.rows)))
+    short = SpanTask(SpanRows(tmp_path / "rows.jsonl"), tokenizer, batch_tokens=10_000, span_weight=0.5,
+                     val_fraction=0.0, seed=0, max_len=longest - 1)  # fmt: skip
+    assert short.too_long >= 1  # a prompt + answer longer than the context is left out, not a crash
     model = small_copy_model().train()
     batch = task.batch("train", np.arange(task.size("train")), torch.device("cpu"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
