@@ -285,3 +285,17 @@ def test_more_starts_never_find_a_worse_span(tokenizer):
             b.token_ids
             == prompts[b.row].ids[prompts[b.row].text_start + first : prompts[b.row].text_start + last + 1]
         )
+
+
+def test_freeze_lower_keeps_embeddings_and_lower_blocks_fixed(tokenizer):
+    from rag.llm.span_train import freeze_lower
+    from rag.llm.train import param_groups
+
+    model = small_copy_model()
+    freeze_lower(model, 1)
+    frozen = [model.tok_emb.weight, model.positions.table.weight, *model.blocks[0].parameters()]
+    assert not any(p.requires_grad for p in frozen)
+    assert all(p.requires_grad for p in model.blocks[1].parameters())
+    assert all(p.requires_grad for p in model.copy.parameters())
+    trained = {id(p) for g in param_groups(model, 0.01) for p in g["params"]}
+    assert not trained & {id(p) for p in frozen}  # the optimizer never sees them
