@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -65,6 +66,37 @@ class Settings(BaseSettings):
         "127.0.0.1",
         description="Where `rag serve --ui` binds the web UI; any other address than this machine's "
         "own makes the UI ask for the API key before its admin page shows anything.",
+    )
+
+    vector_index: Literal["auto", "flat", "ivf-sq8", "ivf-pq"] = Field(
+        "auto",
+        description="FAISS index of the chunk vectors: exact 'flat', approximate 'ivf-sq8' (1 byte per "
+        "dimension) or 'ivf-pq' (vector_pq_m bytes per vector), or 'auto': flat below "
+        "vector_auto_threshold chunks, vector_auto_kind above. Changed kinds are rebuilt by the next "
+        "`rag ingest` (from the vectors in SQLite; nothing is re-embedded).",
+    )
+    vector_auto_threshold: int = Field(
+        200_000,
+        ge=256,
+        description="Chunks at which 'auto' switches from flat to vector_auto_kind (and back below half).",
+    )
+    vector_auto_kind: Literal["ivf-sq8", "ivf-pq"] = Field(
+        "ivf-sq8", description="The approximate index 'auto' switches to."
+    )
+    vector_nlist: int = Field(
+        0, ge=0, description="IVF lists; 0 = about 4*sqrt(chunks), retrained as the index grows 4x."
+    )
+    vector_nprobe: int = Field(
+        64, ge=1, description="IVF lists scanned per query: more = better recall, slower search."
+    )
+    vector_rerank: int = Field(
+        4,
+        ge=0,
+        description="Approximate indexes: k * this many candidates are re-scored with their exact "
+        "vectors from SQLite (undoes the compression's ranking errors); 0 = off.",
+    )
+    vector_pq_m: int = Field(
+        48, ge=1, description="Bytes per vector of 'ivf-pq' (must divide the dimension)."
     )
 
     @field_validator("index_dir", "model_dir")

@@ -9,6 +9,10 @@ Crash safety rests on three rules:
 3. Snapshots are written to a temp name, fsynced and renamed into place, so a reader (or a
    process started after a crash) sees an old whole file or a new whole file, never half of one.
 
+The vector snapshot is exact (flat) while the index is small and approximate (IVF) when large
+(`rag.vectors`); a writer's `save()` rebuilds it from SQLite's vectors when the size or the
+settings call for another kind, and readers pick the new kind up on their next `refresh()`.
+
 Readers are never blocked: WAL gives them the last committed state while a writer works,
 and `refresh()` moves them to the newest one. `generation` in the settings table counts
 writes, so an unchanged index costs one query to refresh.
@@ -31,11 +35,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import bm25s
-import faiss
 import numpy as np
 
 from rag.analysis import Analyzer
 from rag.types import Chunk, Hit
+from rag.vectors import VectorIndex, VectorSpec
 
 SCHEMA_VERSION = 1
 DB_NAME = "meta.sqlite"
@@ -146,8 +150,14 @@ class Store:
         readonly: bool = False,
         create: bool = True,
         analyzer: Analyzer | None = None,
+        vectors: VectorSpec | None = None,
     ):
         self.index_dir = Path(index_dir)
+        if vectors is None:
+            from rag.config import get_settings
+
+            vectors = VectorSpec.from_settings(get_settings())
+        self.vector_spec = vectors
         self.readonly = readonly
         # BM25 is derived from SQLite's chunk texts, so an index made with another analyzer needs no
         # re-ingest: its snapshots are ignored, BM25 is rebuilt, and a writer saves the new one.
@@ -168,9 +178,14 @@ class Store:
             self.embedding_model, self.dim = self._init_settings(embedding_model, dim)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open index database {db_path}: {exc}") from exc
+        try:
+            self.vector_spec.check(self.dim)
+        except ValueError as exc:
+            self._db.close()
+            raise StoreError(str(exc)) from None
         self.gen = -1  # SQLite generation that the in-memory FAISS reflects
-        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-        self._pending_removals: list[np.ndarray] = []
+        self._vectors = VectorIndex.flat(self.dim)
+        self._txn_added: list[np.ndarray] = []  # vectors added by the write transaction under way
         self._bm25: bm25s.BM25 | None = None
         self._bm25_ids: np.ndarray | None = None  # row i of the BM25 matrix is chunk _bm25_ids[i]
         self._bm25_gen = -1
@@ -181,8 +196,12 @@ class Store:
         if not readonly:
             self._remove_dead_temps()
             manifest = self._manifest()
-            if manifest.get("generation") != self.gen or manifest.get("analyzer") != self.analyzer.name:
-                self.save()  # after a crash or an analyzer change: persist the repaired state
+            if (
+                manifest.get("generation") != self.gen
+                or manifest.get("analyzer") != self.analyzer.name
+                or self.vector_spec.needs_rebuild(self._vectors, self._vectors.ntotal)
+            ):
+                self.save()  # after a crash, an analyzer or vector-index change: persist the new state
 
     # ---- SQLite plumbing -------------------------------------------------------------------
 
@@ -252,13 +271,22 @@ class Store:
 
     def _load_snapshot(self) -> None:
         """Start from the files on disk (if readable), then repair them against SQLite."""
-        try:
-            index = faiss.read_index(str(self.index_dir / FAISS_NAME))
-            if index.d == self.dim and isinstance(index, faiss.IndexIDMap2):
-                self._index = index
-        except RuntimeError:  # missing (new index, or killed before the first snapshot) or unreadable
-            pass
+        self._load_vectors()
         self._sync()
+
+    def _load_vectors(self) -> None:
+        """The FAISS snapshot, if readable (missing: a new index, or killed before the first one)."""
+        index = VectorIndex.read(str(self.index_dir / FAISS_NAME), self.dim)
+        if index is not None:
+            self._vectors = index
+
+    def _published_vectors_differ(self) -> bool:
+        """The writer's manifest names another vector index than ours (it rebuilt it): reload."""
+        published = self._manifest().get("vectors")
+        return published is not None and published != self._vectors_facts()
+
+    def _vectors_facts(self) -> dict:
+        return {"kind": self._vectors.kind, "nlist": self._vectors.nlist}
 
     def _sync(self, exact: bool = True) -> None:
         """Bring FAISS and BM25 to SQLite's newest committed state, both from ONE read transaction.
@@ -271,6 +299,8 @@ class Store:
                 return
             ids = self._chunk_ids()
             if gen != self.gen:
+                if self._published_vectors_differ():
+                    self._load_vectors()
                 self._sync_faiss(ids)
                 self.gen = gen
             due = time.monotonic() - self._bm25_built_at >= self._bm25_cost / BM25_REBUILD_SHARE
@@ -280,30 +310,49 @@ class Store:
                 self._bm25_alive = np.isin(self._bm25_ids, ids)
 
     def _faiss_ids(self) -> np.ndarray:
-        self._apply_removals()
-        return faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        return self._vectors.ids()
 
     def _sync_faiss(self, ids: np.ndarray) -> None:
-        have = self._faiss_ids()
-        gone = np.setdiff1d(have, ids, assume_unique=True)
-        if len(gone):
-            self._index.remove_ids(gone)
+        have = np.sort(self._faiss_ids())
+        self._vectors.remove(np.setdiff1d(have, ids, assume_unique=True))
         missing = np.setdiff1d(ids, have, assume_unique=True)
         sql = "SELECT id, vector FROM chunks WHERE id IN ({})"
         for i in range(0, len(missing), 8 * SQL_BATCH):
-            rows = list(self._rows_by_id(sql, missing[i : i + 8 * SQL_BATCH]))
-            self._add(np.array([r[0] for r in rows], dtype=np.int64), [r[1] for r in rows])
+            self._vectors.add(*self._id_vectors(self._rows_by_id(sql, missing[i : i + 8 * SQL_BATCH])))
 
-    def _add(self, ids: np.ndarray, blobs: list[bytes]) -> None:
-        if len(ids):
-            vecs = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(ids), self.dim)
-            self._index.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), ids)
+    def _id_vectors(self, rows: Iterable[tuple[int, bytes]]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of SQLite rows (id, vector blob)."""
+        rows = list(rows)
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), self.dim)
+        return ids, vecs
 
-    def _apply_removals(self) -> None:
-        """Removal from IndexFlat is O(n) per call, so replaced documents are removed in bulk."""
-        if self._pending_removals:
-            self._index.remove_ids(np.concatenate(self._pending_removals))
-            self._pending_removals = []
+    def _all_vectors(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every chunk's (ids, vectors) in batches, from the read transaction under way."""
+        cursor = self._db.execute("SELECT id, vector FROM chunks ORDER BY id")
+        while rows := cursor.fetchmany(8 * SQL_BATCH):
+            yield self._id_vectors(rows)
+
+    def _rebuild_vectors(self) -> bool:
+        """Rebuild the vector index from SQLite if its size or the settings call for another one
+        (`VectorSpec.needs_rebuild`); IVF is trained on a seeded random sample. Only in `save()`,
+        so the new index is published like any snapshot; False if not due (or another writer got
+        in first: the next save tries again)."""
+        spec, n = self.vector_spec, self._vectors.ntotal
+        if not spec.needs_rebuild(self._vectors, n):
+            return False
+        with self._txn(write=False):
+            if self._db_gen() != self.gen:
+                return False
+            kind = spec.kind_for(n, self._vectors.kind)
+            ids = self._chunk_ids()
+            sample = np.zeros((0, self.dim), dtype=np.float32)
+            if kind != "flat":
+                pick = np.sort(np.random.default_rng(0).choice(ids, spec.train_size(n), replace=False))
+                sql = "SELECT id, vector FROM chunks WHERE id IN ({})"
+                sample = self._id_vectors(self._rows_by_id(sql, pick))[1]
+            self._vectors = VectorIndex.build(kind, self.dim, spec, n, sample, self._all_vectors())
+        return True
 
     def _sync_bm25(self, ids: np.ndarray, rebuild: bool) -> bool:
         """Keep, load or (if `rebuild`) rebuild BM25 to cover exactly `ids`; False if it could not.
@@ -377,12 +426,12 @@ class Store:
         with self._lock:
             self._sync()
             bm25_dir = self.index_dir / f"{BM25_PREFIX}{self.gen:012d}-{self._analyzer_tag}"
-            if self._manifest().get("generation") == self.gen and bm25_dir.exists():
+            rebuilt = self._rebuild_vectors()
+            if not rebuilt and self._manifest().get("generation") == self.gen and bm25_dir.exists():
                 return  # already published (e.g. a re-ingest that changed nothing): skip the rewrite
-            self._apply_removals()
             tag = f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
             tmp = self.index_dir / f"{tag}-{FAISS_NAME}"
-            faiss.write_index(self._index, str(tmp))
+            self._vectors.write(str(tmp))
             _publish(tmp, self.index_dir / FAISS_NAME)
             if not bm25_dir.exists():
                 tmp = self.index_dir / f"{tag}-bm25"
@@ -400,8 +449,9 @@ class Store:
                     shutil.rmtree(tmp)  # another writer published this generation first
             manifest = {
                 "generation": self.gen,
-                "chunks": int(self._index.ntotal),
+                "chunks": self._vectors.ntotal,
                 "faiss": FAISS_NAME,
+                "vectors": self._vectors_facts(),
                 "bm25": bm25_dir.name,
                 "analyzer": self.analyzer.name,
                 "embedding_model": self.embedding_model,
@@ -431,18 +481,18 @@ class Store:
         in memory: FAISS loses those ids (rows it added are already in), BM25 is rebuilt lazily."""
         self._require_writer()
         with self._lock:
-            added_before = self._index.ntotal
+            self._txn_added = []
             try:
                 with self._txn(write=True):
                     gen = self._bump_gen()
                     removed, doc_id = body()
             except BaseException:
-                n_new = self._index.ntotal - added_before  # rows of the rolled-back transaction
-                if n_new:
-                    self._index.remove_ids(faiss.vector_to_array(self._index.id_map)[-n_new:].copy())
+                if self._txn_added:  # vectors of the rolled-back transaction
+                    self._vectors.remove(np.concatenate(self._txn_added))
                 raise
-            if removed:
-                self._pending_removals.append(np.asarray(removed, dtype=np.int64))
+            finally:
+                self._txn_added = []
+            self._vectors.remove(removed, defer=True)  # flat: in bulk, removal costs O(n) per call
             if gen == self.gen:
                 self.gen = gen + 1
             else:  # another process wrote since our last look: a full diff catches both
@@ -495,7 +545,8 @@ class Store:
                     ).fetchone()[0]
                     for c, v in zip(chunks, vecs, strict=True)
                 ]
-                self._index.add_with_ids(vecs, np.array(ids, dtype=np.int64))
+                self._txn_added.append(np.array(ids, dtype=np.int64))
+                self._vectors.add(self._txn_added[-1], vecs)
                 n += len(ids)
             self._db.execute("UPDATE documents SET n_chunks = ? WHERE id = ?", (n, doc_id))
             return removed, doc_id
@@ -588,16 +639,23 @@ class Store:
         return None
 
     def dense_search(self, query_vec: np.ndarray, k: int) -> list[tuple[int, float]]:
-        """Top-k chunks by inner product (== cosine: vectors are normalized)."""
+        """Top-k chunks by inner product (== cosine: vectors are normalized). An approximate index
+        proposes k * rerank candidates, scored again with their exact vectors from SQLite (chunks
+        deleted since this Store's last refresh drop out, as `hits()` would drop them)."""
         q = np.asarray(query_vec, dtype=np.float32).reshape(1, -1)
         if q.shape[1] != self.dim:
             raise ValueError(f"query vector has dim {q.shape[1]}, index has {self.dim}")
+        spec = self.vector_spec
         with self._lock:
-            self._apply_removals()
-            if k <= 0 or self._index.ntotal == 0:
-                return []
-            scores, ids = self._index.search(q, min(k, self._index.ntotal))
-        return [(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+            if self._vectors.kind == "flat" or not spec.rerank:
+                return self._vectors.search(q, k, spec.nprobe)
+            candidates = self._vectors.search(q, k * spec.rerank, spec.nprobe)
+            with self._txn(write=False):
+                sql = "SELECT id, vector FROM chunks WHERE id IN ({})"
+                ids, vecs = self._id_vectors(self._rows_by_id(sql, [cid for cid, _ in candidates]))
+        scores = vecs @ q[0]
+        top = np.argsort(-scores, kind="stable")[:k]
+        return [(int(ids[i]), float(scores[i])) for i in top]
 
     def bm25_search(self, query: str, k: int) -> list[tuple[int, float]]:
         """Top-k chunks by BM25 over the analyzer's tokens; chunks sharing no token with the query are
@@ -642,16 +700,12 @@ class Store:
 
         Read from the in-memory FAISS, i.e. the same state the ids came from: a chunk that an
         ingest in another process replaced meanwhile still has its vector here until `refresh()`.
+        An IVF index gives the decoding of its codes: close to the vectors, good enough for MMR.
         """
-        out = np.empty((len(chunk_ids), self.dim), dtype=np.float32)
         with self._lock:
-            self._apply_removals()
-            for row, cid in enumerate(chunk_ids):
-                try:
-                    out[row] = self._index.reconstruct(int(cid))
-                except RuntimeError:
-                    raise KeyError(f"chunk id {cid} is not in the index") from None
-        return out
+            if not chunk_ids:
+                return np.empty((0, self.dim), dtype=np.float32)
+            return self._vectors.reconstruct_batch(np.asarray(chunk_ids, dtype=np.int64))
 
     def stats(self) -> dict:
         with self._lock, self._txn(write=False):
@@ -676,6 +730,9 @@ class Store:
             "bm25_generation": self._bm25_gen,  # < generation while refresh() puts off a rebuild
             "analyzer": self.analyzer.name,
             "languages": dict(sorted(self._bm25_langs.items(), key=lambda kv: -kv[1])),
+            "vector_index": self._vectors.kind,
+            "vector_nlist": self._vectors.nlist,
+            "vector_bytes_per_vector": self._vectors.bytes_per_vector(),
         }
 
     def verify(self) -> None:
@@ -692,8 +749,11 @@ class Store:
                     raise StoreError(f"FAISS has {len(faiss_ids)} ids, SQLite {len(ids)}: not the same set")
                 if not np.array_equal(self._bm25_ids, ids):
                     raise StoreError("BM25 does not cover exactly the SQLite chunks")
-                for cid, blob in self._db.execute("SELECT id, vector FROM chunks"):
-                    if not np.array_equal(self._index.reconstruct(int(cid)), np.frombuffer(blob, "<f4")):
+                for part_ids, vecs in self._all_vectors():  # IVF holds codes: compare with their decoding
+                    stored = self._vectors.reconstruct_batch(part_ids)
+                    same = (stored == self._vectors.stored_form(vecs)).all(axis=1)
+                    if not same.all():
+                        cid = part_ids[np.argmin(same)]
                         raise StoreError(f"FAISS vector of chunk {cid} differs from SQLite")
                 bad = self._db.execute(
                     "SELECT d.id FROM documents d LEFT JOIN chunks c ON c.doc_id = d.id "

@@ -27,6 +27,7 @@ from rag.store import (
     StoreError,
 )
 from rag.types import Chunk
+from rag.vectors import VectorSpec
 
 DIM = 8
 RNG = np.random.default_rng(0)
@@ -291,7 +292,10 @@ WRITER = """
 import sys, numpy as np
 from rag.store import FileMeta, Store
 from rag.types import Chunk
-store, rng, i = Store(sys.argv[1], "test-model", 8), np.random.default_rng(int(sys.argv[2])), 0
+from rag.vectors import VectorSpec
+spec = VectorSpec(auto_threshold=int(sys.argv[3]))
+store, rng = Store(sys.argv[1], "test-model", 8, vectors=spec), np.random.default_rng(int(sys.argv[2]))
+i = 10 * int(sys.argv[2])  # each round adds new documents: the index grows past 256 chunks
 while True:
     vecs = rng.normal(size=(50, 8)).astype("float32")
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
@@ -303,12 +307,17 @@ while True:
 """
 
 
-def test_kill9_during_snapshot_writes_leaves_a_loadable_index(tmp_path):
+@pytest.mark.parametrize("threshold", [200_000, 256], ids=["flat", "flat-then-ivf"])
+def test_kill9_during_snapshot_writes_leaves_a_loadable_index(tmp_path, threshold):
+    """With threshold 256 the vector index switches to IVF-SQ8 (and is rebuilt as it grows) in
+    some round's snapshot, so kills land in those rebuilds too."""
     index_dir = tmp_path / "index"
     rng = np.random.default_rng(1)
     for round_ in range(4):
         proc = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(index_dir), str(round_)], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", WRITER, str(index_dir), str(round_), str(threshold)],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         for _ in range(3):  # a few documents committed and snapshotted
             assert proc.stdout.readline(), "writer died"
@@ -321,9 +330,10 @@ def test_kill9_during_snapshot_writes_leaves_a_loadable_index(tmp_path):
             assert ro.stats()["chunks"] == 50 * n and n > 0
             newest = max(ro.documents(), key=lambda d: int(d.title))
             assert {h.doc_id for h in ro.hits(ro.bm25_search(f"doc{newest.title}", 100))} == {newest.id}
-    with Store(index_dir, "test-model", DIM) as rw:  # the next writer cleans up and re-snapshots
-        rw.verify()
+    with Store(index_dir, "test-model", DIM, vectors=VectorSpec(auto_threshold=threshold)) as rw:
+        rw.verify()  # the next writer cleans up and re-snapshots
         assert rw.stats()["snapshot_generation"] == rw.stats()["generation"]
+        assert rw.stats()["vector_index"] == ("flat" if threshold > 2000 else "ivf-sq8")
     assert not list(index_dir.glob(TMP_PREFIX + "*"))
 
 
