@@ -18,6 +18,7 @@ the first step; eager decoding keeps the default, which reads only the slots wri
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,6 +41,53 @@ RING_SPAN = {
     "dilated": lambda c: c.window_size * c.dilation,
     "global": lambda c: c.window_size,
 }
+
+
+@dataclass
+class AppendPlan:
+    """Dynamic full-size buffer: new keys go to slots [start, start + T); attention reads [0, start + T)."""
+
+    start: int
+
+    def write(self, cache: KVCache, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = self.start + k.size(2)
+        cache.k[layer][:, :, self.start : end] = k
+        cache.v[layer][:, :, self.start : end] = v
+        return cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
+
+
+@dataclass
+class StaticPlan:
+    """Static buffer (compiled decoding): the new keys go to tensor slots; attention reads every slot."""
+
+    slots: Tensor  # (T,)
+
+    def write(self, cache: KVCache, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        cache.k[layer].index_copy_(2, self.slots, k)
+        cache.v[layer].index_copy_(2, self.slots, v)
+        return cache.k[layer], cache.v[layer]
+
+
+@dataclass
+class RingPlan:
+    """Ring buffer: attention reads [global slots, ring, new tokens]; then the last `size` new tokens
+    overwrite the oldest ring slots, and global tokens leaving the ring move to their own slots."""
+
+    slots: Tensor  # (n_keep,) ring slots written by the new tokens [first_kept:]
+    first_kept: int
+    moved: Tensor  # (B, n_global) bool: this global slot receives a leaving token
+    source: Tensor  # (B, n_global) index of that token in the keys read, [global, ring, new]
+
+    def write(self, cache: KVCache, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        keys = torch.cat([cache.global_k[layer], cache.k[layer], k], dim=2)
+        values = torch.cat([cache.global_v[layer], cache.v[layer], v], dim=2)
+        index = self.source[:, None, :, None].expand(-1, keys.size(1), -1, keys.size(3))
+        moved = self.moved[:, None, :, None]
+        for kept, new in ((cache.global_k[layer], keys), (cache.global_v[layer], values)):
+            kept.copy_(torch.where(moved, new.gather(2, index), kept))
+        cache.k[layer][:, :, self.slots] = k[:, :, self.first_kept :]
+        cache.v[layer][:, :, self.slots] = v[:, :, self.first_kept :]
+        return keys, values
 
 
 class KVCache:
@@ -110,7 +158,7 @@ class KVCache:
         self.evicted.fill_(-1)
         self.cursor.zero_()
         self._length = 0
-        self._plan: tuple = ()
+        self._plan: AppendPlan | StaticPlan | RingPlan | None = None
         self.prefix_len: Tensor | None = None
 
     def select_rows(self, index: Tensor) -> None:
@@ -152,7 +200,7 @@ class KVCache:
         start, end = self._length, self._length + T
         if not self.ring and end > self.size:
             self._refuse(start, T)
-        if self.ring and bool(attention_mask(q_pos, self.evicted[:, None], self.config).any()):
+        if self.ring and self._needs_evicted(q_pos):
             raise ValueError(
                 "a query needs a key already evicted from the windowed KV cache (e.g. a global position "
                 "beyond the window decoded step by step): prefill through it in one chunk, "
@@ -163,8 +211,18 @@ class KVCache:
         if self.ring:
             return q_pos, self._plan_ring(q_pos, start)
         self.pos[:, start:end] = q_pos
-        self._plan = (start,)
+        self._plan = AppendPlan(start)
         return q_pos, self.pos[:, :end]
+
+    def _needs_evicted(self, q_pos: Tensor) -> bool:
+        """Whether a new query would need a key the ring dropped. On the CPU a clear error; elsewhere
+        a device-side assert, so decoding never waits for the device to answer (no host sync)."""
+        stale = attention_mask(q_pos, self.evicted[:, None], self.config).any()
+        if q_pos.device.type == "cpu" and eager():
+            return bool(stale)
+        if q_pos.device.type == "cuda":
+            torch._assert_async(~stale, "a query needs a key already evicted from the windowed KV cache")
+        return False
 
     def _refuse(self, start: int, T: int) -> None:
         raise ValueError(f"KV cache full: {start} + {T} tokens > max_len={self.size}; use a larger max_len")
@@ -182,7 +240,7 @@ class KVCache:
         self.pos.index_copy_(1, slots, q_pos)
         self.next_pos += valid.sum(dim=1)
         self.cursor += T
-        self._plan = (slots,)
+        self._plan = StaticPlan(slots)
         return self.pos
 
     def _plan_ring(self, q_pos: Tensor, start: int) -> Tensor:
@@ -195,35 +253,18 @@ class KVCache:
         slots = (start + torch.arange(T - n_keep, T, device=q_pos.device)) % S
         leaving = torch.cat([G + slots, G + S + torch.arange(T - n_keep, device=q_pos.device)])
         leaving_pos = k_pos[:, leaving]  # (B, T)
-        match = leaving_pos[:, :, None] == self.global_ids  # (B, T, G)
-        rows, src, dst = match.nonzero(as_tuple=True)
-        self.global_pos[rows, dst] = leaving_pos[rows, src]
+        match = leaving_pos[:, :, None] == self.global_ids  # (B, T, G); a position leaves at most once
+        moved, first = match.any(dim=1), match.int().argmax(dim=1)  # (B, G); masks, no nonzero: no sync
+        self.global_pos.copy_(torch.where(moved, leaving_pos.gather(1, first), self.global_pos))
         gone = leaving_pos.masked_fill(match.any(dim=-1), -1).amax(dim=1)
         self.evicted = torch.maximum(self.evicted, gone)
         self.pos[:, slots] = q_pos[:, T - n_keep :]
-        self._plan = (slots, T - n_keep, rows, leaving[src], dst)
+        self._plan = RingPlan(slots, T - n_keep, moved, leaving[first])
         return k_pos
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store this layer's new keys/values (B, n_kv_head, T, head_dim) as planned by `begin` and
         return all keys/values the new queries attend to, in the order of begin's key positions."""
-        k, v = k.to(self.k[layer].dtype), v.to(self.v[layer].dtype)
-        if self.static:
-            (slots,) = self._plan
-            self.k[layer].index_copy_(2, slots, k)
-            self.v[layer].index_copy_(2, slots, v)
-            return self.k[layer], self.v[layer]
-        if not self.ring:
-            (start,) = self._plan
-            end = start + k.size(2)
-            self.k[layer][:, :, start:end] = k
-            self.v[layer][:, :, start:end] = v
-            return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-        slots, first_kept, rows, src, dst = self._plan
-        keys = torch.cat([self.global_k[layer], self.k[layer], k], dim=2)
-        values = torch.cat([self.global_v[layer], self.v[layer], v], dim=2)
-        self.global_k[layer][rows, :, dst] = keys[rows, :, src]
-        self.global_v[layer][rows, :, dst] = values[rows, :, src]
-        self.k[layer][:, :, slots] = k[:, :, first_kept:]
-        self.v[layer][:, :, slots] = v[:, :, first_kept:]
-        return keys, values
+        if self._plan is None:
+            raise RuntimeError("KVCache.update before begin: call begin once per forward")
+        return self._plan.write(self, layer, k.to(self.k[layer].dtype), v.to(self.v[layer].dtype))

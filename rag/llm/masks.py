@@ -43,8 +43,10 @@ def _dilated(q: Tensor, k: Tensor, cfg: ModelConfig) -> Tensor:
 
 def _global(q: Tensor, k: Tensor, cfg: ModelConfig) -> Tensor:
     """Longformer: a sliding window, plus global tokens that see and are seen by everyone."""
-    special = torch.tensor(cfg.global_positions, device=q.device, dtype=q.dtype)
-    return _sliding(q, k, cfg) | torch.isin(q, special) | torch.isin(k, special)
+    allowed = _sliding(q, k, cfg)
+    for p in cfg.global_positions:  # scalar compares: no host->device copy (a sync) per forward
+        allowed = allowed | (q == p) | (k == p)
+    return allowed
 
 
 WINDOWS: dict[str, Callable[[Tensor, Tensor, ModelConfig], Tensor]] = {

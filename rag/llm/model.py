@@ -9,6 +9,8 @@ code serves training, left-padded batches and cached decoding with ring buffers 
 from __future__ import annotations
 
 import math
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from functools import partial
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rag.llm.cache import KVCache, eager
+from rag.llm.local import LocalPlan, attend_local, local_plan
 from rag.llm.masks import WINDOWS, attention_mask, row_positions
 
 IGNORE_INDEX = -100
@@ -66,9 +69,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.global_positions, list):  # from JSON
             self.global_positions = tuple(self.global_positions)
+        hints = typing.get_type_hints(type(self))
         for f in fields(self):
-            value, kind = getattr(self, f.name), FIELD_TYPES[f.type]
-            if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+            value = getattr(self, f.name)
+            if not _is_instance(value, hints[f.name], f.name):
                 raise ValueError(f"ModelConfig.{f.name} must be {f.type}, got {value!r}")
         for name, choices in (
             ("pos", POSITIONS),
@@ -151,15 +155,27 @@ class ModelConfig:
         return cls(**PRESETS[name])
 
 
-# Field annotation (a string, see `from __future__ import annotations`) -> accepted Python types.
-FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
-    "int": int,
-    "str": str,
-    "bool": bool,
-    "float": (int, float),
-    "int | None": (int, type(None)),
-    "tuple[int, ...]": tuple,
-}
+def _is_instance(value: Any, hint: Any, name: str) -> bool:
+    """isinstance for the annotations config fields use (unions, tuple[X, ...], plain classes).
+
+    JSON and CLI values arrive untyped, so a wrong type must be a clear error here rather than a
+    crash deep in a layer. bool is not accepted as a number (True is an int in Python); an int is
+    accepted as a float. An annotation this does not know is a clear error naming the field."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_instance(value, a, name) for a in args)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return isinstance(value, tuple) and all(_is_instance(v, args[0], name) for v in value)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is None and isinstance(hint, type):
+        return isinstance(value, hint)
+    raise TypeError(
+        f"ModelConfig.{name}: validation does not know the annotation {hint!r}; extend _is_instance"
+    )
+
 
 NORM_POSITIONS = ("pre", "post")
 MASKS = ("causal", "prefix")
@@ -236,7 +252,8 @@ class Learned(Positions):
         self.table = nn.Embedding(cfg.block_size, cfg.d_model)
 
     def embed(self, pos: Tensor) -> Tensor:
-        if eager() and int(pos.max()) >= self.cfg.block_size:
+        # a read-back: on the CPU only (elsewhere the embedding's device-side index check catches it)
+        if eager() and pos.device.type == "cpu" and int(pos.max()) >= self.cfg.block_size:
             raise ValueError(
                 f"position {int(pos.max())} is beyond block_size={self.cfg.block_size}, "
                 "the size of the learned position table"
@@ -280,8 +297,16 @@ def alibi_slopes(n_head: int) -> list[float]:
 
 
 class Alibi(Positions):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        # Built once and moved once per device: a host->device copy per forward waits on the device.
+        # Not a buffer, so model.to(bfloat16) cannot round the slopes.
+        self.slopes = torch.tensor(alibi_slopes(cfg.n_head))
+
     def bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        slopes = torch.tensor(alibi_slopes(self.cfg.n_head), device=q_pos.device)
+        if self.slopes.device != q_pos.device:
+            self.slopes = self.slopes.to(q_pos.device)
+        slopes = self.slopes
         dist = (q_pos[:, :, None] - k_pos[:, None, :]).float()  # (B, Tq, Tk)
         return -slopes[None, :, None, None] * dist[:, None]
 
@@ -311,6 +336,7 @@ class AttnContext:
     rope: tuple[Tensor, Tensor] | None
     cache: KVCache | None
     return_attn: bool
+    local: LocalPlan | None = None  # block-local windowed attention (rag.llm.local) instead of `mask`
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float, need_weights: bool):
@@ -369,7 +395,10 @@ class Attention(nn.Module):
         if ctx.cache is not None:
             k, v = ctx.cache.update(self.layer, k, v)
         dropout = self.dropout if self.training else 0.0
-        y, weights = attend(q, k, v, ctx.mask, dropout, ctx.return_attn)
+        if ctx.local is not None:
+            y, weights = attend_local(q, k, v, ctx.local, dropout), None
+        else:
+            y, weights = attend(q, k, v, ctx.mask, dropout, ctx.return_attn)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1)), weights
 
 
@@ -427,15 +456,33 @@ class MoE(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         flat = x.reshape(-1, x.size(-1))
         gates, chosen, probs = self.route(flat)
+        n_experts = len(self.experts)
+        few = flat.size(0) * self.top_k <= n_experts  # a decode step
+        dense = few and (flat.device.type != "cpu" or not eager())
+        out = (self.dense if dense else self.sparse)(flat, gates, chosen)
+        share = F.one_hot(chosen, n_experts).float().mean(dim=(0, 1))  # f_i (sums to 1)
+        aux = n_experts * (share * probs.mean(dim=0)).sum()
+        return out.view_as(x), aux
+
+    def sparse(self, flat: Tensor, gates: Tensor, chosen: Tensor) -> Tensor:
+        """Each expert on its own tokens: k/E of the dense work, but `nonzero` is a host sync per expert."""
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             token, slot = (chosen == e).nonzero(as_tuple=True)  # may be empty: no branch, one graph
             y, _ = expert(flat[token])
             out.index_add_(0, token, (y * gates[token, slot, None]).to(out.dtype))
-        n_experts = len(self.experts)
-        share = F.one_hot(chosen, n_experts).float().mean(dim=(0, 1))  # f_i (sums to 1)
-        aux = n_experts * (share * probs.mean(dim=0)).sum()
-        return out.view_as(x), aux
+        return out
+
+    def dense(self, flat: Tensor, gates: Tensor, chosen: Tensor) -> Tensor:
+        """Every expert on every token, weighted by its gate (0 where not chosen): shapes never depend
+        on the routing, so no host sync and one compiled graph. Used for decode steps off the CPU,
+        where a step reads (nearly) every expert's weights anyway and syncs would cost more."""
+        weight = torch.zeros(flat.size(0), len(self.experts), device=flat.device, dtype=gates.dtype)
+        weight = weight.scatter(1, chosen, gates)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            out = out + (expert(flat)[0] * weight[:, e, None]).to(out.dtype)
+        return out
 
 
 EXPERTS: dict[str, Callable[[ModelConfig], nn.Module]] = {
@@ -615,8 +662,11 @@ class GPT(nn.Module):
                 f"prefix_len is required with mask='prefix' and only then (mask={self.config.mask!r})"
             )
         plain = cache is None and pad_mask is None and not return_attn and prefix_len is None
-        mask = self._mask(q_pos, k_pos, plain, prefix_len)
-        ctx = AttnContext(mask, self.positions.rotary(q_pos), cache, return_attn)
+        local = None
+        if cache is None and not return_attn and prefix_len is None:  # O(T * w) for windows
+            local = local_plan(q_pos, self.config, lambda q, k: self._mask(q, k, False, None))
+        mask = None if local is not None else self._mask(q_pos, k_pos, plain, prefix_len)
+        ctx = AttnContext(mask, self.positions.rotary(q_pos), cache, return_attn, local)
 
         x = self.tok_emb(idx)
         pe = self.positions.embed(q_pos)

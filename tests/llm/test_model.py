@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+from typing import Literal
 
 import pytest
 import torch
@@ -403,3 +405,28 @@ def test_tiny_model_overfits_a_fixed_batch():
         if loss.item() < 0.05:
             break
     assert losses[0] > 3.5 and min(losses) < 0.1, (losses[0], min(losses))
+
+
+def test_config_validation_reads_any_field_annotation():
+    """A new field's type is checked from its annotation; one validation cannot read is a clear
+    TypeError naming the field, not a KeyError from a lookup table."""
+
+    @dataclasses.dataclass
+    class Extended(ModelConfig):
+        scale: float | None = None
+        sizes: tuple[int, ...] = ()
+
+    assert Extended(scale=2, sizes=(1, 2)).scale == 2
+    with pytest.raises(ValueError, match="ModelConfig.scale must be float"):
+        Extended(scale="big")
+    with pytest.raises(ValueError, match="sizes must be"):
+        Extended(sizes=(1, "2"))
+    with pytest.raises(ValueError, match="rope_theta must be float"):
+        tiny(rope_theta=True)
+
+    @dataclasses.dataclass
+    class Unknown(ModelConfig):
+        kind: Literal["a", "b"] = "a"
+
+    with pytest.raises(TypeError, match="ModelConfig.kind: validation does not know the annotation"):
+        Unknown()
