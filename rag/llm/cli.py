@@ -407,5 +407,43 @@ def export(
     console.print(f"{out}: model.safetensors {size / 1e6:.1f} MB, config.json, tokenizer.json")
 
 
+@app.command("reward")
+@_friendly
+def reward(
+    data: AlignData,
+    init: Init,
+    out: Annotated[Path, typer.Option(help="Folder for the reward model, metrics and loss_curve.png.")],
+    val_data: ValData = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 200,
+    batch_size: Annotated[int, typer.Option(help="Preference pairs per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
+) -> None:
+    """Reward model: --init's trunk + a scalar head, Bradley-Terry loss on chosen/rejected pairs."""
+    from rag.llm.rlhf import RewardConfig, train_reward
+
+    result = train_reward(data, init, out, RewardConfig(steps, batch_size, lr), val_data)
+    print(json.dumps(result, indent=2))
+
+
+@app.command("ppo")
+@_friendly
+def ppo(
+    prompts: Annotated[Path, typer.Option(help='JSONL rows {"prompt"} (or {"prompt_ids"}).')],
+    init: Init,
+    reward: Annotated[Path, typer.Option(help="A `rag train reward` folder.")],
+    out: Annotated[Path, typer.Option(help="Folder for the policy, metrics and ppo_curve.png.")],
+    iterations: Annotated[int, typer.Option(help="Rollout + update rounds.")] = 50,
+    batch_size: Annotated[int, typer.Option(help="Responses sampled per round.")] = 16,
+    response_len: Annotated[int, typer.Option(help="Sampled tokens per response (EOS ends one).")] = 16,
+    kl_coef: Annotated[float, typer.Option(help="Per-token KL penalty to --init.")] = 0.05,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-5,
+) -> None:
+    """PPO of --init (the SFT policy, also the frozen KL reference) against a reward model."""
+    from rag.llm.rlhf import PPOConfig, train_ppo
+
+    cfg = PPOConfig(iterations, batch_size, response_len, lr=lr, kl_coef=kl_coef)
+    print(json.dumps(train_ppo(prompts, init, reward, out, cfg), indent=2))
+
+
 if __name__ == "__main__":  # torchrun --nproc_per_node=N -m rag.llm.cli lm ...
     app()
