@@ -11,6 +11,8 @@ and, on CUDA, in bf16 with CUDA graphs; on CUDA the command also measures traini
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import statistics
 import tempfile
 import time
@@ -259,6 +261,109 @@ def compiled_decoding(
 
 
 # ---------------------------------------------------------------------------------------------
+# Windowed attention in training: block-local O(T * w) attention against full O(T^2)
+
+TRAIN_SEQ_LEN = 4096
+
+
+def _memory_now(device: torch.device) -> int:
+    """Bytes in use now, and the peak counter reset to it (CPU: the process's RSS and VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM (peak RSS) to the current RSS
+    return _proc_status_kb("VmRSS") * 1024
+
+
+def _memory_peak(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return _proc_status_kb("VmHWM") * 1024
+
+
+def _proc_status_kb(key: str) -> int:
+    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(key))
+    return int(line.split()[1])
+
+
+def train_step_stats(
+    config: dict, seq_len: int, batch: int = 1, steps: int = 3, warmup: int = 1, device: str = "cpu"
+) -> dict:
+    """Median ms of one training step (forward, backward, AdamW) and its peak memory above the
+    memory at rest (model, gradients and optimizer state, allocated by the warmup steps).
+
+    The model's weights, batch and optimizer are the same whatever the attention, so the
+    difference in peak memory between two windows is the attention's."""
+    dev = torch.device(device)
+    cfg = ModelConfig.from_dict(config)
+    torch.manual_seed(0)
+    model = GPT(cfg).to(dev).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    xy = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    x, y = xy[:, :-1].to(dev), xy[:, 1:].to(dev)
+    times, rest = [], 0
+    for i in range(warmup + steps):
+        if i == warmup:
+            rest = _memory_now(dev)
+        _sync(dev)
+        t0 = time.perf_counter()
+        loss = model(x, targets=y).loss
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        opt.step()
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return {
+        "train_step_ms": 1e3 * statistics.median(times[warmup:]),
+        "step_peak_mb": (_memory_peak(dev) - rest) / 2**20,
+    }
+
+
+def _in_fresh_process(fn: Callable[..., dict], *args, **kwargs) -> dict:
+    """Run fn in a new interpreter: a CPU process's peak RSS is its own, and freed blocks are given
+    back to the OS (a fixed mmap threshold), so the peak of one run is not hidden by another's."""
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 16)  # read by the child's malloc at start
+    threads = torch.get_num_threads()
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_with_threads, (threads, fn, args, kwargs))
+
+
+def _with_threads(threads: int, fn: Callable[..., dict], args: tuple, kwargs: dict) -> dict:
+    torch.set_num_threads(threads)
+    return fn(*args, **kwargs)
+
+
+def windowed_training(
+    config: ModelConfig,
+    seq_len: int = TRAIN_SEQ_LEN,
+    window_size: int = WINDOW_SIZE,
+    device: str = "cpu",
+    steps: int = 3,
+) -> dict:
+    """Training step time and peak memory at seq_len, full attention vs a sliding window (the
+    block-local path, rag.llm.local), same model and batch; each in a fresh process on the CPU."""
+    rows = []
+    for window in ("full", "sliding"):
+        cfg = replace(
+            config, block_size=max(config.block_size, seq_len), window=window, window_size=window_size
+        )
+        args = (cfg.to_dict(), seq_len)
+        if device == "cpu":
+            stats = _in_fresh_process(train_step_stats, *args, steps=steps, device=device)
+        else:
+            stats = train_step_stats(*args, steps=steps, device=device)
+        rows.append({"attention": "full" if window == "full" else f"sliding {window_size}", **stats})
+    full, sliding = rows
+    return {
+        "seq_len": seq_len,
+        "device": device,
+        "rows": rows,
+        "speedup": full["train_step_ms"] / sliding["train_step_ms"],
+        "memory_ratio": full["step_peak_mb"] / max(sliding["step_peak_mb"], 1e-9),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # The command
 
 
@@ -280,6 +385,9 @@ def run_llm_bench(
         "window_ratio_sliding": window[0]["ratio"],
         "window_ratio_full": window[1]["ratio"],
     }
+    progress(f"CPU: training step at T={TRAIN_SEQ_LEN}, full vs sliding {WINDOW_SIZE} ...")
+    result["window_training"] = windowed_training(config)
+    result["train_step_ms"] = {r["attention"]: r["train_step_ms"] for r in result["window_training"]["rows"]}
     progress("CPU: decoding, eager vs compiled static cache (fp32) ...")
     result["cpu_decode"] = compiled_decoding(config, "cpu", torch.float32, new_tokens=4 * new_tokens)
     if torch.cuda.is_available():
@@ -287,8 +395,11 @@ def run_llm_bench(
         result["cuda_training"] = training_throughput("cuda", "default")
         progress("CUDA: decoding, eager vs compiled ...")
         result["cuda_decode"] = compiled_decoding(config, "cuda")
+        progress(f"CUDA: training step at T={TRAIN_SEQ_LEN}, full vs sliding {WINDOW_SIZE} ...")
+        result["cuda_window_training"] = windowed_training(config, device="cuda")
     else:
-        result["cuda_training"] = result["cuda_decode"] = {"skipped": "no CUDA"}
+        skipped = {"skipped": "no CUDA"}
+        result["cuda_training"] = result["cuda_decode"] = result["cuda_window_training"] = skipped
     return result
 
 

@@ -129,12 +129,26 @@ def attend_local(q: Tensor, k: Tensor, v: Tensor, plan: LocalPlan, dropout: floa
         mask = mask.unsqueeze(3).expand(-1, -1, -1, G, -1, -1).flatten(3, 4)
     else:  # additive per-head bias (B|1, H, N, C, K)
         mask = mask.to(q.dtype).unflatten(1, (n_kv, G)).transpose(2, 3).flatten(3, 4)
-    y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout)
+    y = _sdpa_4d(qb, kb, vb, mask, dropout)
     y = y.reshape(B, n_kv, N, G, C, D).transpose(2, 3).reshape(B, H, N, C, D)
     y = plan.merge(y)
     if plan.global_index is not None:
         y = _global_queries(q, k, v, y, plan, dropout)
     return y
+
+
+def _sdpa_4d(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout: float) -> Tensor:
+    """SDPA over (B, H, N, rows, D) blocks laid out as N batches of B*H heads: the fused kernels
+    (flash on the CPU too) take 4-D inputs only, and the math fallback keeps every block's scores."""
+    B, H, N = q.shape[:3]
+
+    def four_d(x: Tensor) -> Tensor:
+        return x.permute(2, 0, 1, 3, 4).flatten(1, 2)
+
+    shared = mask.size(0) * mask.size(1) == 1  # the same mask for every row and head: broadcast it
+    mask = mask[0, 0][:, None] if shared else four_d(mask.expand(B, H, -1, -1, -1))
+    y = F.scaled_dot_product_attention(four_d(q), four_d(k), four_d(v), attn_mask=mask, dropout_p=dropout)
+    return y.unflatten(1, (B, H)).permute(1, 2, 0, 3, 4)
 
 
 def _global_queries(q: Tensor, k: Tensor, v: Tensor, y: Tensor, plan: LocalPlan, dropout: float) -> Tensor:

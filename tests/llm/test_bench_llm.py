@@ -24,6 +24,7 @@ from bench.llm import (
     perplexity,
     training_throughput,
     window_scaling,
+    windowed_training,
 )
 from bench.scaling import PowerLaw, SmallRun, fit_power_law, plot_scaling, train_small
 from rag.llm.data import open_tokens
@@ -126,3 +127,14 @@ def test_cli_bad_preset_is_one_line_error():
     result = CliRunner().invoke(app, ["llm", "--model", "huge"])
     assert result.exit_code == 1
     assert "unknown model preset 'huge'" in result.output
+
+
+def test_windowed_training_rows_compare_full_and_sliding_on_one_model():
+    """A miniature of the T=4096 run: each window's step in its own process, timed and its peak
+    memory read (which is smaller is the T=4096 run's question, not a miniature's)."""
+    cfg = ModelConfig(vocab_size=64, block_size=64, n_layer=1, n_head=8, n_kv_head=8, d_model=64)
+    out = windowed_training(cfg, seq_len=512, window_size=16, steps=1)
+    assert [r["attention"] for r in out["rows"]] == ["full", "sliding 16"]
+    assert all(r["train_step_ms"] > 0 for r in out["rows"])
+    assert out["speedup"] == pytest.approx(out["rows"][0]["train_step_ms"] / out["rows"][1]["train_step_ms"])
+    assert all(r["step_peak_mb"] > 0 for r in out["rows"])  # a step allocates; sizes are for the bench
