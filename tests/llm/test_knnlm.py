@@ -1,0 +1,95 @@
+"""kNN-LM: interpolation is a distribution; the datastore follows the index and lowers perplexity."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from rag.config import Settings
+from rag.ingest.job import ingest
+from rag.llm import checkpoint as ckpt
+from rag.llm.knnlm import (
+    DIR_NAME,
+    Datastore,
+    encode_text,
+    evaluate_knnlm,
+    interpolate,
+    knn_probs,
+    next_token_logprobs,
+    read_chunks,
+    target_logprob,
+    update_index_datastore,
+)
+from rag.llm.model import GPT, ModelConfig
+from tests.llm.test_data import WORDS, tokenizer  # noqa: F401  (fixture)
+
+
+def test_interpolation_sums_to_one_and_matches_the_target_shortcut():
+    torch.manual_seed(0)
+    lm = F.log_softmax(torch.randn(5, 11), -1)
+    dist, tokens = torch.rand(5, 4) * 3, torch.randint(0, 11, (5, 4))
+    p = interpolate(lm, knn_probs(dist, tokens, 0.7, 11), 0.3).exp()
+    assert torch.allclose(p.sum(-1), torch.ones(5, dtype=torch.float64))
+    target = torch.randint(0, 11, (5,))
+    short = target_logprob(lm.gather(-1, target[:, None])[:, 0], dist, tokens, target, 4, 0.7, 0.3)
+    assert torch.allclose(short, p.log().gather(-1, target[:, None])[:, 0])
+    # a single neighbour at distance 0 puts all of p_kNN on its token
+    one = knn_probs(torch.zeros(1, 1), torch.tensor([[7]]), 1.0, 11)
+    assert one[0, 7] == 1 and one.sum() == 1
+
+
+def sentences(seed: int, n: int) -> str:
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randint(0, len(WORDS), (n, 5), generator=g).tolist()
+    return " ".join(" ".join(WORDS[i] for i in row) + "." for row in pick)
+
+
+def test_datastore_follows_the_index_and_lowers_perplexity(tmp_path, tokenizer, embedder):  # noqa: F811
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(4):
+        (docs / f"d{i}.md").write_text(sentences(i, 30))
+    settings = Settings(index_dir=tmp_path / "index")
+    ingest([docs], settings, embedder=embedder)
+    torch.manual_seed(0)
+    cfg = {**ModelConfig.preset("tiny").to_dict(), "block_size": 128, "vocab_size": tokenizer.vocab_size}
+    model_dir = tmp_path / "lm"
+    model = GPT(ModelConfig.from_dict(cfg)).eval()
+    ckpt.save_checkpoint(model_dir, model, tokenizer)
+
+    first = update_index_datastore(settings.index_dir, model_dir)
+    chunks = read_chunks(settings.index_dir)
+    assert first["rebuilt"] and first["added_chunks"] == len(chunks) and first["dropped_chunks"] == 0
+    store = Datastore.load(settings.index_dir / DIR_NAME)
+    assert set(store.chunk_ids.tolist()) == {c for c, _, _ in chunks}
+
+    # in-domain text already in the datastore: its own contexts are found at distance ~0
+    h, lm_lp, y = encode_text(model, tokenizer, chunks[0][2])
+    dist, tok = store.search(h, 4)
+    assert float(dist[:, 0].max()) < 1e-3
+    knn_lp = target_logprob(lm_lp, dist, tok, y, 4, 1.0, 0.5)
+    assert math.exp(-knn_lp.mean()) < 0.5 * math.exp(-lm_lp.mean())
+    step = next_token_logprobs(model, store, torch.tensor([[tokenizer.bos_id]]), 4, 1.0, 0.5)
+    assert torch.allclose(step.exp().sum(-1), torch.ones(1, dtype=torch.float64))
+
+    unchanged = update_index_datastore(settings.index_dir, model_dir)
+    assert unchanged["added_chunks"] == unchanged["dropped_chunks"] == 0 and not unchanged["rebuilt"]
+
+    gone = {c for c, d, _ in chunks if d == chunks[0][1]}
+    (docs / "d0.md").unlink()
+    (docs / "d4.md").write_text(sentences(9, 10))
+    ingest([docs], settings, embedder=embedder, prune=True)
+    later = update_index_datastore(settings.index_dir, model_dir)
+    now = read_chunks(settings.index_dir)
+    assert later["dropped_chunks"] == len(gone) and later["added_chunks"] == len(now) - (
+        len(chunks) - len(gone)
+    )
+    ids = set(Datastore.load(settings.index_dir / DIR_NAME).chunk_ids.tolist())
+    assert ids == {c for c, _, _ in now} and not ids & gone
+
+    report = evaluate_knnlm(settings.index_dir, model_dir, held_out=0.25)
+    assert report["chunks"]["test"] > 0 and report["datastore_entries"] > 0
+    assert report["valid_ppl_knnlm"] <= report["valid_ppl_lm"]
+    assert math.isfinite(report["test_ppl_knnlm"]) and report["knn_search_ms_per_token"] > 0
