@@ -108,15 +108,21 @@ def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
 # Models
 
 
+def zero_head(d_model: int) -> nn.Linear:
+    """Linear(d_model, 1) starting at 0: a fresh reward or value head says nothing until trained."""
+    head = nn.Linear(d_model, 1)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
 class ScalarHead(nn.Module):
     """GPT trunk (no LM head) + Linear(d_model, 1): a scalar per position; reward model and value head."""
 
     def __init__(self, trunk: GPT):
         super().__init__()
         self.trunk = trunk
-        self.head = nn.Linear(trunk.config.d_model, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        self.head = zero_head(trunk.config.d_model)
 
     def forward(self, idx: Tensor, pad_mask: Tensor | None = None) -> Tensor:
         hidden = self.trunk(idx, pad_mask=pad_mask, head=False).hidden
@@ -300,9 +306,7 @@ class ActorCritic(nn.Module):
     def __init__(self, policy: GPT):
         super().__init__()
         self.policy = policy
-        self.value = nn.Linear(policy.config.d_model, 1)
-        nn.init.zeros_(self.value.weight)
-        nn.init.zeros_(self.value.bias)
+        self.value = zero_head(policy.config.d_model)
 
     def forward(self, seq: Tensor, n_prompt: int) -> tuple[Tensor, Tensor]:
         """log-probs of seq's response tokens and the values of the states that chose them."""
