@@ -33,14 +33,18 @@ MODES = ("hybrid", "dense", "bm25")
 RRF_K = 10
 DEPTH = 100  # candidates taken from each list before fusing
 MMR_POOL = 4  # MMR re-ranks this many times k candidates
-# Dense weight from coverage: 0 at or below COVER_NONE, 1 at or above COVER_FULL, linear between.
-COVER_NONE, COVER_FULL = 0.6, 0.8
+# Dense weight from coverage: 0 at or below a ramp's low end, 1 at or above its high end, linear
+# between. Chosen on XQuAD en/de/ru and SciFact, on two halves of each (docs/benchmarks.md): a
+# chunk ramp from 0.6 cost SciFact abstracts, whose technical words split into pieces, 0.008 nDCG@10.
+QUERY_RAMP = (0.6, 0.8)
+CHUNK_RAMP = (0.55, 0.75)
 COVERAGE_CACHE = 200_000  # chunk coverages remembered per Retriever (a chunk id's text never changes)
 
 
-def dense_weight(coverage: np.ndarray | float) -> np.ndarray:
+def dense_weight(coverage: np.ndarray | float, ramp: tuple[float, float] = QUERY_RAMP) -> np.ndarray:
     """How much a dense score counts, from the embedder's coverage of the text (see module doc)."""
-    return np.clip((np.asarray(coverage, dtype=np.float64) - COVER_NONE) / (COVER_FULL - COVER_NONE), 0, 1)
+    low, high = ramp
+    return np.clip((np.asarray(coverage, dtype=np.float64) - low) / (high - low), 0, 1)
 
 
 def fuse(
@@ -129,7 +133,7 @@ class Retriever:
         if query_w > 0:
             vec = self.embedder.encode_query(query) if query_vec is None else query_vec
             dense = self.store.dense_search(vec, depth)
-            chunk_w = query_w * dense_weight(self.chunk_coverage([cid for cid, _ in dense]))
+            chunk_w = query_w * dense_weight(self.chunk_coverage([cid for cid, _ in dense]), CHUNK_RAMP)
         return fuse(dense, bm25, list(chunk_w), k=self.rrf_k, bm25_weight=self.weights[1])
 
     def rank(self, query: str, k: int, mode: str = "hybrid", query_vec: np.ndarray | None = None) -> Scored:

@@ -10,7 +10,7 @@ import pytest
 from rag.config import Settings
 from rag.embed import get_embedder
 from rag.ingest.job import ingest
-from rag.retrieve import COVER_FULL, COVER_NONE, Retriever, dense_weight, fuse, mmr, open_retriever
+from rag.retrieve import CHUNK_RAMP, QUERY_RAMP, Retriever, dense_weight, fuse, mmr, open_retriever
 from rag.store import Store
 
 DOCS = {
@@ -79,9 +79,10 @@ def test_fusion_rule_by_hand():
         fuse(dense, bm25, [1.0])
 
 
-def test_dense_weight_ramps_with_coverage():
-    mid = (COVER_NONE + COVER_FULL) / 2
-    w = dense_weight(np.array([0.0, COVER_NONE, mid, COVER_FULL, 1.0]))
+@pytest.mark.parametrize("ramp", [QUERY_RAMP, CHUNK_RAMP, (0.2, 0.3)])
+def test_dense_weight_ramps_with_coverage(ramp):
+    low, high = ramp
+    w = dense_weight(np.array([0.0, low, (low + high) / 2, high, 1.0]), ramp)
     np.testing.assert_allclose(w, [0.0, 0.0, 0.5, 1.0, 1.0])
 
 
@@ -96,7 +97,8 @@ def test_embedder_coverage_tells_languages_it_reads(retriever):
             "1642 — 2024",
         ]
     )
-    assert en > COVER_FULL and max(de, cs, ru, uk) < COVER_NONE and digits == 1.0
+    readable, unreadable = max(QUERY_RAMP[1], CHUNK_RAMP[1]), min(QUERY_RAMP[0], CHUNK_RAMP[0])
+    assert en > readable and max(de, cs, ru, uk) < unreadable and digits == 1.0
 
 
 def test_mmr_by_hand():
@@ -164,7 +166,7 @@ def test_hybrid_fuses_dense_and_bm25_by_coverage(retriever):
     dense = retriever.store.dense_search(vec, retriever.depth)
     bm25 = retriever.store.bm25_search(query, retriever.depth)
     query_w = dense_weight(retriever.embedder.coverage([query]))[0]
-    chunk_w = dense_weight(retriever.chunk_coverage([cid for cid, _ in dense]))
+    chunk_w = dense_weight(retriever.chunk_coverage([cid for cid, _ in dense]), CHUNK_RAMP)
     expected = fuse(dense, bm25, list(query_w * chunk_w), k=retriever.rrf_k)[:5]
     hits = retriever.search(query, k=5, mode="hybrid")
     assert [(h.chunk_id, h.score) for h in hits] == [(c, pytest.approx(s)) for c, s in expected]
