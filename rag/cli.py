@@ -63,10 +63,12 @@ class Rag(typer.Typer):
 
 
 app = Rag(help="Self-hosted RAG: ingest folders, search them, answer with our own LLM.", no_args_is_help=True)
-app.add_typer(llm_app, name="train", help="Train the decoder LLM: tokenizer, pretraining, SFT, DPO.")
+app.add_typer(llm_app, name="train", help="Train the LLM: tokenizer, pretraining, SFT, DPO, reward, PPO.")
 app.add_typer(bench_app, name="bench", help="Benchmarks (speed and memory, printed as ratios).")
 eval_app = typer.Typer(no_args_is_help=True)
 app.add_typer(eval_app, name="eval", help="Evaluate retrieval and reader quality on public benchmarks.")
+index_app = typer.Typer(no_args_is_help=True)
+app.add_typer(index_app, name="index", help="Extra stores built over an ingested index (kNN-LM datastore).")
 
 console = Console()
 
@@ -732,6 +734,42 @@ def eval_reader_cmd(
             + f"; SQuAD 2.0-style score {result['abstention_score']:.4f}; answer latency {result['latency']}",
             highlight=False,
         )
+
+
+KnnModel = Annotated[
+    Path, typer.Option("--model", help="LM checkpoint folder whose hidden states are the keys.")
+]
+
+
+@index_app.command("knn")
+@user_errors
+def index_knn_cmd(model: KnnModel, index: IndexOpt = None) -> None:
+    """Create or update the kNN-LM datastore <index>/knnlm for the index's current chunks."""
+    from rag.llm.knnlm import update_index_datastore
+
+    print(json.dumps(update_index_datastore(settings_for(index).index_dir, model), indent=2))
+
+
+@eval_app.command("knnlm")
+@user_errors
+def eval_knnlm_cmd(
+    model: KnnModel,
+    index: IndexOpt = None,
+    held_out: Annotated[
+        float, typer.Option(help="Share of documents for validation and again for test.")
+    ] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the document split.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Perplexity of held-out documents with and without a kNN-LM datastore of the other documents."""
+    from rag.llm.knnlm import evaluate_knnlm
+
+    report = evaluate_knnlm(settings_for(index).index_dir, model, seed=seed, held_out=held_out)
+    if as_json:
+        print(json.dumps(report))
+        return
+    for key, value in report.items():
+        console.print(f"{key:>24}  {value:.4g}" if isinstance(value, float) else f"{key:>24}  {value}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`rag train ...`: tokenizer, prepare (corpus -> token files), lm (pretraining), sft, dpo.
+"""`rag train ...`: tokenizer, prepare (corpus -> token files), lm (pretraining), sft, dpo, reward, ppo.
 
 Thin wrappers over rag.llm.{tokenizer,data,train,align}. Every training command also runs under
 `torchrun --nproc_per_node=N -m rag.llm.cli <command> ...` (DDP). Defaults need nothing but the

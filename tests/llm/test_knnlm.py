@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
 import torch.nn.functional as F
+from typer.testing import CliRunner
 
+from rag.cli import app as rag_app
 from rag.config import Settings
 from rag.ingest.job import ingest
 from rag.llm import checkpoint as ckpt
@@ -14,7 +17,6 @@ from rag.llm.knnlm import (
     DIR_NAME,
     Datastore,
     encode_text,
-    evaluate_knnlm,
     interpolate,
     knn_probs,
     next_token_logprobs,
@@ -59,7 +61,10 @@ def test_datastore_follows_the_index_and_lowers_perplexity(tmp_path, tokenizer, 
     model = GPT(ModelConfig.from_dict(cfg)).eval()
     ckpt.save_checkpoint(model_dir, model, tokenizer)
 
-    first = update_index_datastore(settings.index_dir, model_dir)
+    knn = ["index", "knn", "--index", str(settings.index_dir), "--model", str(model_dir)]
+    res = CliRunner().invoke(rag_app, knn)
+    assert res.exit_code == 0, res.output
+    first = json.loads(res.stdout)
     chunks = read_chunks(settings.index_dir)
     assert first["rebuilt"] and first["added_chunks"] == len(chunks) and first["dropped_chunks"] == 0
     store = Datastore.load(settings.index_dir / DIR_NAME)
@@ -89,7 +94,10 @@ def test_datastore_follows_the_index_and_lowers_perplexity(tmp_path, tokenizer, 
     ids = set(Datastore.load(settings.index_dir / DIR_NAME).chunk_ids.tolist())
     assert ids == {c for c, _, _ in now} and not ids & gone
 
-    report = evaluate_knnlm(settings.index_dir, model_dir, held_out=0.25)
+    args = ["eval", "knnlm", "--index", str(settings.index_dir), "--model", str(model_dir), "--json"]
+    res = CliRunner().invoke(rag_app, [*args, "--held-out", "0.25"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
     assert report["chunks"]["test"] > 0 and report["datastore_entries"] > 0
     assert report["valid_ppl_knnlm"] <= report["valid_ppl_lm"]
     assert math.isfinite(report["test_ppl_knnlm"]) and report["knn_search_ms_per_token"] > 0
