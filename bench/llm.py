@@ -322,10 +322,16 @@ def train_step_stats(
 def _in_fresh_process(fn: Callable[..., dict], *args, **kwargs) -> dict:
     """Run fn in a new interpreter: a CPU process's peak RSS is its own, and freed blocks are given
     back to the OS (a fixed mmap threshold), so the peak of one run is not hidden by another's."""
+    before = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 16)  # read by the child's malloc at start
-    threads = torch.get_num_threads()
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_with_threads, (threads, fn, args, kwargs))
+    try:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(_with_threads, (torch.get_num_threads(), fn, args, kwargs))
+    finally:
+        if before is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = before
 
 
 def _with_threads(threads: int, fn: Callable[..., dict], args: tuple, kwargs: dict) -> dict:
