@@ -42,7 +42,7 @@ def rope_context(model: GPT, pos: torch.Tensor) -> AttnContext:
 
 
 def test_apply_rope_is_the_seed_pairwise_rotation_after_a_fixed_permutation():
-    """Catches a wrong angle, pair layout or rotation sign in `apply_rope` / `_angles`."""
+    """Mutation "x1 * cos + x2 * sin" (rotation sign, `apply_rope`) fails this test and the next."""
     cfg = tiny(pos="rope")
     model = make_model(cfg)
     pos = torch.arange(T) * 3 + 1  # positions far enough apart that every frequency matters
