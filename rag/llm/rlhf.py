@@ -351,6 +351,10 @@ def ppo(
     reference = freeze(copy.deepcopy(policy))
     ac = ActorCritic(policy)
     opt = torch.optim.AdamW(ac.parameters(), lr=cfg.lr, weight_decay=0.0)
+    room = policy.config.block_size - cfg.response_len
+    prompts = [p for p in prompts if len(p) <= room]
+    if not prompts:
+        raise ValueError(f"no prompt leaves room for {cfg.response_len} response tokens in the context")
     by_len: dict[int, list[list[int]]] = {}
     for p in prompts:
         by_len.setdefault(len(p), []).append(p)
