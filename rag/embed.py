@@ -1,15 +1,24 @@
 """Sentence-transformers wrapper: batched, L2-normalized float32 vectors.
 
-Normalized vectors make inner product == cosine, which is what the FAISS IndexFlatIP in
+Normalized vectors make inner product == cosine, which is what the FAISS index in
 `rag/store.py` assumes. Nothing here may reach a model hub: `rag.config` sets HF_HUB_OFFLINE.
+
+The `onnx` backend runs the same weights in ONNX Runtime: the model is exported here, once, into
+`onnx_cache_dir` (never downloaded), with mean pooling inside the graph; sentence-transformers
+still tokenizes, so the vectors match its own (cosine >= 0.99, tests/test_embed_onnx.py).
+int8 dynamic quantization (onnxruntime.quantization.quantize_dynamic, all MatMuls) was tried and
+left out: cosine to sentence-transformers fell to 0.78-0.98 on the test texts, below the 0.99 bar.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import uuid
 from collections.abc import Callable
 from functools import cached_property, lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -34,13 +43,76 @@ _LETTERS = re.compile(r"[^\W\d_]+")  # words of letters only
 # Small batches: attention activations grow with batch x length^2, and at 16 the bundled
 # MiniLM embedded 1,613 PDF chunks faster than at 64 with 200 MB less peak memory (bench memory).
 BATCH_SIZE = 16
+BACKENDS = ("torch", "onnx")
+ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+ONNX_OPSET = 17
+
+
+def _export_onnx(st_model, path: Path) -> None:
+    """Write `st_model`'s transformer + mean pooling as ONNX to `path` (temp name, then rename:
+    a killed export never leaves a half file under the final name)."""
+    import torch
+
+    bert = st_model[0].auto_model.eval()
+    bert.set_attn_implementation("eager")  # sdpa's mask code does not trace to ONNX
+
+    class Pooled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = bert
+
+        def forward(
+            self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+        ) -> torch.Tensor:
+            out = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+            weight = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+            return (out.last_hidden_state * weight).sum(1) / weight.sum(1).clamp(min=1e-9)
+
+    example = st_model.tokenizer(["an example", "a longer example text"], padding=True, return_tensors="pt")
+    axes = {name: {0: "batch", 1: "tokens"} for name in ONNX_INPUTS}
+    tmp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                Pooled(),
+                tuple(example[name] for name in ONNX_INPUTS),
+                str(tmp),
+                input_names=list(ONNX_INPUTS),
+                output_names=["embedding"],
+                dynamic_axes={**axes, "embedding": {0: "batch"}},
+                opset_version=ONNX_OPSET,
+                dynamo=False,
+            )
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        bert.set_attn_implementation("sdpa")
+
+
+def onnx_file(st_model, model_path: str, cache_dir: Path) -> Path:
+    """The ONNX file of the model, exported into `cache_dir` on first use. The name
+    hashes the model's weights path and the exporter's versions, so another model never reuses it."""
+    import torch
+
+    key = hashlib.sha1(f"{Path(model_path).resolve()}|{torch.__version__}|{ONNX_OPSET}".encode()).hexdigest()
+    folder = Path(cache_dir).expanduser() / f"{Path(model_path).name}-{key[:12]}"
+    path = folder / "model.onnx"
+    if not path.is_file():
+        _export_onnx(st_model, path)
+    return path
 
 
 class Embedder:
     """Texts -> unit vectors. `n_calls` / `n_texts` count work done (ingest tests assert on them)."""
 
     def __init__(
-        self, model: str = DEFAULT_EMBEDDING_MODEL, device: str = "cpu", batch_size: int = BATCH_SIZE
+        self,
+        model: str = DEFAULT_EMBEDDING_MODEL,
+        device: str = "cpu",
+        batch_size: int = BATCH_SIZE,
+        backend: str = "torch",
+        onnx_cache_dir: Path | None = None,
     ):
         from sentence_transformers import SentenceTransformer  # heavy import: only when a model is needed
         from transformers.utils import logging as hf_logging
@@ -49,6 +121,8 @@ class Embedder:
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown embedding backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         try:
             self.model = SentenceTransformer(resolve_model(model), device=device)
         except OSError as exc:  # HF raises OSError for unknown names when offline
@@ -65,6 +139,21 @@ class Embedder:
         )
         self.dim = int(get_dim())
         self.tokenizer = self.model.tokenizer
+        self.backend = backend
+        self._session = None
+        if backend != "torch":
+            import onnxruntime
+
+            if onnx_cache_dir is None:
+                from rag.config import get_settings
+
+                onnx_cache_dir = get_settings().onnx_cache_dir
+            path = onnx_file(self.model, resolve_model(model), onnx_cache_dir)
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = _torch_threads()  # the same CPU share as the torch path
+            self._session = onnxruntime.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
         self.n_calls = 0
         self.n_texts = 0
 
@@ -101,29 +190,64 @@ class Embedder:
         self.n_texts += len(texts)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        vecs = self.model.encode(
-            list(texts), batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False
-        )
+        if self._session is not None:
+            vecs = self._encode_onnx(list(texts))
+        else:
+            vecs = self.model.encode(
+                list(texts), batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False
+            )
         vecs = np.asarray(vecs, dtype=np.float32).reshape(len(texts), self.dim)
         norms = np.linalg.norm(vecs, axis=1, keepdims=True)
         return np.ascontiguousarray(vecs / np.maximum(norms, 1e-12), dtype=np.float32)
+
+    def _encode_onnx(self, texts: list[str]) -> np.ndarray:
+        """Mean-pooled, unnormalized vectors; texts sorted by length so a batch pads little (as
+        sentence-transformers does), results put back in the callers' order."""
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for i in range(0, len(texts), self.batch_size):
+            rows = order[i : i + self.batch_size]
+            enc = self.tokenizer(
+                [texts[r] for r in rows],
+                padding=True,
+                truncation=True,
+                max_length=self.model.max_seq_length,
+                return_tensors="np",
+            )
+            feed = {name: enc[name].astype(np.int64) for name in ONNX_INPUTS}
+            out[rows] = self._session.run(None, feed)[0]
+        return out
 
     def encode_query(self, text: str) -> np.ndarray:
         """Shape (dim,). all-MiniLM has no query prefix, so a query is encoded like a passage."""
         return self.encode([text])[0]
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def get_embedder(
-    model: str = DEFAULT_EMBEDDING_MODEL, device: str = "cpu", batch_size: int = BATCH_SIZE
+    model: str = DEFAULT_EMBEDDING_MODEL,
+    device: str = "cpu",
+    batch_size: int = BATCH_SIZE,
+    backend: str | None = None,
 ) -> Embedder:
-    """One loaded model per (name, device, batch size) per process: loading takes seconds.
+    """One loaded model per (name, device, batch size, backend) per process: loading takes seconds.
 
     Arguments are normalised before the cache so `get_embedder(m, d)` and
-    `get_embedder(m, d, BATCH_SIZE)` share one model instead of loading it twice.
+    `get_embedder(m, d, BATCH_SIZE)` share one model instead of loading it twice. `backend` None
+    is the RAG_EMBEDDING_BACKEND setting, so every entry point follows it.
     """
-    return _cached_embedder(model, device, batch_size)
+    if backend is None:
+        from rag.config import get_settings
+
+        backend = get_settings().embedding_backend
+    return _cached_embedder(model, device, batch_size, backend)
 
 
 @lru_cache(maxsize=4)
-def _cached_embedder(model: str, device: str, batch_size: int) -> Embedder:
-    return Embedder(model, device=device, batch_size=batch_size)
+def _cached_embedder(model: str, device: str, batch_size: int, backend: str) -> Embedder:
+    return Embedder(model, device=device, batch_size=batch_size, backend=backend)
