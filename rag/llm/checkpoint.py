@@ -4,6 +4,8 @@ safetensors holds only tensors (no pickle), so a checkpoint can be loaded safely
 optimizer, step, RNG and sampler state live apart in train_state.pt, which inference never reads.
 Each file is written to a temporary name and renamed, so a crash mid-save leaves the old file whole;
 the step is stored in the safetensors metadata and in train_state.pt so a torn pair is detected.
+A fully sharded run (FSDP) also keeps its model and optimizer shards in sharded/ (one file per rank,
+torch.distributed.checkpoint), which resume reads; model.safetensors is then the gathered copy.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from rag.llm.model import GPT, ModelConfig
@@ -25,6 +28,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 STATE_FILE = "train_state.pt"
+SHARDED_DIR = "sharded"  # FSDP runs: torch.distributed.checkpoint shards of model + optimizer
 
 
 class CheckpointError(ValueError):
@@ -48,14 +52,49 @@ def _replace(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(out_dir, model: nn.Module, tokenizer: Tokenizer, extra_state: dict | None = None) -> None:
-    """Write the checkpoint files into out_dir; extra_state (if any) goes to train_state.pt."""
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Put folder tmp in path's place; the old one is set aside first and removed last."""
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _tied_duplicates(model: nn.Module) -> set[str]:
+    """Names of parameters that another name shares (tied embedding / lm_head), but for the first in
+    sorted order: the one safetensors' save_model keeps, so both ways of saving write the same keys."""
+    names = defaultdict(list)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names[id(p)].append(name)
+    return {n for group in names.values() for n in sorted(group)[1:]}
+
+
+def save_checkpoint(
+    out_dir,
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    extra_state: dict | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write the checkpoint files into out_dir; extra_state (if any) goes to train_state.pt.
+
+    weights: the model's full state dict when the model itself holds only shards (FSDP)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = unwrap(model)
-    step = str((extra_state or {}).get("step", ""))
-    # save_model (not save_file) de-duplicates tied weights such as a shared embedding / lm_head.
-    _replace(out_dir / WEIGHTS_FILE, lambda p: save_model(model, str(p), metadata={"step": step}))
+    meta = {"step": str((extra_state or {}).get("step", ""))}
+    if weights is None:
+        # save_model (not save_file) de-duplicates tied weights such as a shared embedding / lm_head.
+        write = lambda p: save_model(model, str(p), metadata=meta)  # noqa: E731
+    else:
+        tied = _tied_duplicates(model)
+        weights = {k: v.contiguous() for k, v in weights.items() if k not in tied}
+        write = lambda p: save_file(weights, str(p), metadata=meta)  # noqa: E731
+    _replace(out_dir / WEIGHTS_FILE, write)
     config = json.dumps(model.config.to_dict(), indent=2)
     _replace(out_dir / CONFIG_FILE, lambda p: p.write_text(config))
     _replace(out_dir / TOKENIZER_FILE, lambda p: p.write_text(tokenizer.to_json(), encoding="utf-8"))
@@ -107,14 +146,7 @@ def export_checkpoint(run_dir, out_dir, fp16: bool = True) -> int:
     if tmp.exists():
         shutil.rmtree(tmp)
     save_checkpoint(tmp, model, tokenizer)
-    old = out_dir.with_name(out_dir.name + ".old")
-    if out_dir.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old.exists():
-        shutil.rmtree(old)
+    _replace_dir(tmp, out_dir)
     return (out_dir / WEIGHTS_FILE).stat().st_size
 
 
@@ -134,3 +166,45 @@ def load_train_state(path) -> dict:
             f"{state.get('step')} (interrupted save?)"
         )
     return state
+
+
+def gather_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A sharded model's full state dict on rank 0's CPU (empty on the other ranks); a collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_sharded(out_dir, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Every rank writes its shards of the model and the AdamW state into out_dir/sharded (a collective):
+    into sharded.tmp first, which rank 0 then renames, so a crash mid-save leaves the old shards whole."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = Path(out_dir) / SHARDED_DIR
+    tmp = final.with_name(final.name + ".tmp")
+    if dist.get_rank() == 0 and tmp.exists():
+        shutil.rmtree(tmp)  # shards of a save that crashed
+    dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state, "step": step}, checkpoint_id=tmp)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        _replace_dir(tmp, final)
+    dist.barrier()
+
+
+def load_sharded(path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Load out_dir/sharded into a sharded model and its optimizer (a collective); returns the saved step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    folder = Path(path) / SHARDED_DIR
+    if not (folder / ".metadata").is_file():
+        raise CheckpointError(f"no sharded checkpoint in {folder} (was the run trained with parallel=fsdp?)")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state, "step": -1}
+    dcp.load(state, checkpoint_id=folder)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return state["step"]

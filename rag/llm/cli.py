@@ -1,9 +1,9 @@
 """`rag train ...`: tokenizer, prepare (corpus -> token files), lm (pretraining), sft, dpo, reward, ppo.
 
 Thin wrappers over rag.llm.{tokenizer,data,train,align}. Every training command also runs under
-`torchrun --nproc_per_node=N -m rag.llm.cli <command> ...` (DDP). Defaults need nothing but the
-public data in RAG_SHARED_DATA: `rag train lm --preset tiny` trains a tokenizer on tinyshakespeare,
-tokenizes it and pretrains the tiny model on CPU in a few minutes.
+`torchrun --nproc_per_node=N -m rag.llm.cli <command> ...`: DDP, or FSDP with --parallel fsdp.
+Defaults need nothing but the public data in RAG_SHARED_DATA: `rag train lm --preset tiny` trains a
+tokenizer on tinyshakespeare, tokenizes it and pretrains the tiny model on CPU in a few minutes.
 """
 
 from __future__ import annotations
@@ -38,6 +38,13 @@ Resume = Annotated[
     bool, typer.Option(help="Continue the run in --out exactly where its checkpoint left off.")
 ]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+Parallel = Annotated[
+    str | None,
+    typer.Option(
+        help="Under torchrun: ddp (every rank holds the whole model) or fsdp (parameters, gradients "
+        "and AdamW state sharded over the ranks; see docs/scaling.md)."
+    ),
+]
 Sets = Annotated[
     list[str] | None,
     typer.Option(
@@ -175,14 +182,22 @@ def lm(
     lr: Lr = None,
     resume: Resume = False,
     device: Device = "auto",
+    parallel: Parallel = None,
     sets: Sets = None,
 ) -> None:
-    """Pretrain the decoder LM from scratch (DDP under torchrun)."""
+    """Pretrain the decoder LM from scratch (DDP or FSDP under torchrun)."""
     import torch.distributed as dist
 
     from rag.llm.train import setup_runtime, shutdown_runtime, train_lm
 
-    given = dict(max_steps=max_steps, max_tokens=max_tokens, batch_size=batch_size, lr=lr, resume=resume)
+    given = dict(
+        max_steps=max_steps,
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        lr=lr,
+        resume=resume,
+        parallel=parallel,
+    )
     out = out or Path("runs") / f"lm-{preset}"
     cfg = _config(preset, sets, data_dir=data and str(data), out_dir=str(out), device=device, **given)
     rt = setup_runtime(cfg.device)
@@ -222,12 +237,15 @@ def _align_command(kind: str, doc: str) -> None:
         lr: Lr = None,
         resume: Resume = False,
         device: Device = "auto",
+        parallel: Parallel = None,
         sets: Sets = None,
     ) -> None:
         from rag.llm.align import train_dpo, train_sft
         from rag.llm.train import shutdown_runtime
 
-        given = dict(max_steps=max_steps, batch_size=batch_size, lr=lr, resume=resume, device=device)
+        given = dict(
+            max_steps=max_steps, batch_size=batch_size, lr=lr, resume=resume, device=device, parallel=parallel
+        )
         paths = dict(data_dir=str(data), val_data=val_data and str(val_data), init_from=str(init))
         cfg = _config(preset, sets, out_dir=str(out or Path("runs") / f"{kind}-{preset}"), **paths, **given)
         try:
@@ -375,6 +393,7 @@ def reader(
     lr: Lr = None,
     resume: Resume = False,
     device: Device = "auto",
+    parallel: Parallel = None,
     sets: Sets = None,
 ) -> None:
     """Fine-tune the warm-started reader (all-MiniLM-L6-v2 as a prefix-LM with a copy head) on span rows.
@@ -383,7 +402,7 @@ def reader(
     from rag.llm.span_train import train_reader
     from rag.llm.train import shutdown_runtime
 
-    given = dict(max_steps=max_steps, lr=lr, resume=resume, device=device, init_from=init)
+    given = dict(max_steps=max_steps, lr=lr, resume=resume, device=device, init_from=init, parallel=parallel)
     cfg = _config(preset, sets, out_dir=str(out or Path("runs") / "reader-cpu" / "sft"), **given)
     try:
         _report(train_reader(cfg, data), cfg.out_dir)

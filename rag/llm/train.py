@@ -2,9 +2,10 @@
 
 nanoGPT-style: AdamW with decay only on 2-D weight matrices, linear warmup then cosine decay,
 gradient accumulation and clipping, bf16 autocast + fused AdamW + optional torch.compile on CUDA,
-and DDP when launched by torchrun. What differs between objectives (batches, loss, eval metrics)
-is a `Task`; everything else -- checkpoints with exact resume, metrics JSONL, loss-curve PNG,
-tokens/s and MFU -- lives here once.
+and, when launched by torchrun, DDP (every rank holds the whole model) or FSDP (`parallel="fsdp"`:
+parameters, gradients and AdamW state split over the ranks, see docs/scaling.md). What differs
+between objectives (batches, loss, eval metrics) is a `Task`; everything else -- checkpoints with
+exact resume, metrics JSONL, loss-curve PNG, tokens/s and MFU -- lives here once.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +25,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -98,6 +102,7 @@ class TrainConfig:
     compile: bool = False
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32
     device: str = "auto"
+    parallel: str = "ddp"  # under torchrun: ddp (whole model on every rank) or fsdp (sharded over ranks)
     seed: int = 1337
     resume: bool = False
     progress: bool = True
@@ -217,6 +222,32 @@ def setup_runtime(device: str = "auto") -> Runtime:
     return Runtime(dev, rank, local_rank, world_size)
 
 
+PARALLEL = ("ddp", "fsdp")
+
+
+def shard(model: GPT, rt: Runtime) -> GPT:
+    """FSDP2 in place: each block is one unit, gathered whole only for its own forward and backward; the
+    root unit holds the rest (token embedding tied to lm_head, positions, final norm, heads). Every
+    parameter becomes a DTensor split along dim 0 over the ranks, and so do its gradient and, once the
+    optimizer is built on these parameters, its AdamW moments. A model still on the CPU is moved to the
+    device one unit at a time, so the device never holds all of it."""
+    mesh = init_device_mesh(rt.device.type, (rt.world_size,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+@contextmanager
+def fsdp_no_sync(model: FSDPModule):
+    """FSDP's no_sync: gradients accumulate unsharded, with no reduce-scatter, until the context ends."""
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
 def shutdown_runtime() -> None:
     """Leave the process group (torchrun entry points call this when training ends)."""
     if dist.is_initialized():
@@ -328,7 +359,11 @@ class Trainer:
         self.cfg, self.task, self.seq_len = cfg, task, seq_len
         self.rt = rt or setup_runtime(cfg.device)
         self.out_dir = Path(cfg.out_dir)
-        self.raw_model = model.to(self.rt.device)
+        if cfg.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}, got {cfg.parallel!r}")
+        self.sharded = cfg.parallel == "fsdp" and self.rt.ddp  # one process has nothing to shard over
+        # FSDP: shard before building the optimizer, so that its state is made of the shards too.
+        self.raw_model = shard(model, self.rt) if self.sharded else model.to(self.rt.device)
         self.dtype = autocast_dtype(cfg, self.rt.device)
         fused = self.rt.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
@@ -355,7 +390,7 @@ class Trainer:
             # without this dynamo splits the graph there and runs the experts eagerly.
             torch._dynamo.config.capture_dynamic_output_shape_ops = True
         self.model: nn.Module = torch.compile(self.raw_model) if cfg.compile else self.raw_model
-        if self.rt.ddp:
+        if self.rt.ddp and not self.sharded:
             ids = [self.rt.local_rank] if self.rt.device.type == "cuda" else None
             # Every expert runs every step (on zero tokens if none are routed to it), so all
             # parameters get a gradient and DDP needs no search for unused ones.
@@ -371,14 +406,17 @@ class Trainer:
         if self.rt.ddp:  # every rank's stream, so a resumed rank k continues exactly where it was
             rngs = [None] * self.rt.world_size
             dist.all_gather_object(rngs, rng)
-        return {
+        state = {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
             "sampler": self.sampler.state_dict(),
             "rng": rngs,
             "world_size": self.rt.world_size,
+            "sharded": self.sharded,
             "config": asdict(self.cfg),
         }
+        if not self.sharded:  # FSDP's optimizer state is in the shards (ckpt.save_sharded)
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
 
     def _resume(self) -> None:
         if not ckpt.has_train_state(self.out_dir):
@@ -393,8 +431,20 @@ class Trainer:
         )
         if changed and self.rt.main:
             print(f"warning: resuming with changed settings {changed}: not an exact continuation")
-        ckpt.load_weights(self.raw_model, self.out_dir, self.rt.device)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("sharded", False) != self.sharded:
+            raise ValueError(
+                f"checkpoint in {self.out_dir} was written {'with' if self.sharded else 'without'} FSDP "
+                f"sharding: resume it with the same parallel setting and number of ranks"
+            )
+        if self.sharded:
+            step = ckpt.load_sharded(self.out_dir, self.raw_model, self.optimizer)
+            if step != state["step"]:
+                raise ckpt.CheckpointError(
+                    f"{self.out_dir}: shards are from step {step}, train_state.pt from step {state['step']}"
+                )
+        else:
+            ckpt.load_weights(self.raw_model, self.out_dir, self.rt.device)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
         self.step = state["step"]
         rng = state["rng"][self.rt.rank]
@@ -404,8 +454,12 @@ class Trainer:
 
     def save(self) -> None:
         state = self._state()  # collective under DDP: every rank must call it
+        weights = None
+        if self.sharded:  # collectives: each rank writes its shards, then rank 0 gathers the full weights
+            ckpt.save_sharded(self.out_dir, self.raw_model, self.optimizer, self.step)
+            weights = ckpt.gather_weights(self.raw_model)
         if self.rt.main:
-            ckpt.save_checkpoint(self.out_dir, self.raw_model, self.task.tokenizer, state)
+            ckpt.save_checkpoint(self.out_dir, self.raw_model, self.task.tokenizer, state, weights)
             (self.out_dir / "train_config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
         if self.rt.ddp:
             dist.barrier()
@@ -451,8 +505,8 @@ class Trainer:
 
     def micro_divisors(self, batches: list[Batch]) -> list[torch.Tensor | int]:
         """What each micro-batch's mean loss is divided by, so the step's gradient is the mean over all its
-        targets on all ranks: N / n_i, over world_size because DDP averages gradients over ranks. Tasks
-        without n_targets have the same count in every micro-batch: the divisor is just grad_accum."""
+        targets on all ranks: N / n_i, over world_size because DDP and FSDP average gradients over ranks.
+        Tasks without n_targets have the same count in every micro-batch: the divisor is just grad_accum."""
         count = getattr(self.task, "n_targets", None)
         if count is None:
             return [len(batches)] * len(batches)
@@ -463,15 +517,20 @@ class Trainer:
         total = total.clamp(min=1) / self.rt.world_size
         return [total / c.clamp(min=1) for c in counts]  # a micro-batch with no targets has a zero loss
 
+    def _no_sync(self):
+        """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) of a micro-batch."""
+        if self.sharded:
+            return fsdp_no_sync(self.raw_model)
+        return self.model.no_sync() if self.rt.ddp else nullcontext()
+
     def accumulate(self, batches: list[Batch]) -> dict[str, torch.Tensor]:
-        """Backward over the micro-batches (gradients all-reduced only on the last); the step's metrics.
+        """Backward over the micro-batches (gradients reduced only on the last); the step's metrics.
         The MoE aux term is averaged per micro-batch, as it is a mean over all positions, not targets."""
         divisors = self.micro_divisors(batches)
         totals: dict[str, torch.Tensor] = {}
         for micro, (batch, div) in enumerate(zip(batches, divisors, strict=True)):
             last = micro == len(batches) - 1
-            sync = nullcontext() if last or not self.rt.ddp else self.model.no_sync()
-            with sync:
+            with nullcontext() if last else self._no_sync():
                 with self._autocast():
                     loss, metrics = self.task.loss(self.model, batch)
                 aux = metrics.get("aux", 0.0)
@@ -492,9 +551,8 @@ class Trainer:
         ]
         totals = self.accumulate(batches)
         if self.cfg.grad_clip > 0:
-            totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(
-                self.raw_model.parameters(), self.cfg.grad_clip
-            )
+            norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.grad_clip)
+            totals["grad_norm"] = norm.full_tensor() if isinstance(norm, DTensor) else norm
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
