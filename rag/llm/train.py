@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -236,16 +236,6 @@ def shard(model: GPT, rt: Runtime) -> GPT:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
-
-
-@contextmanager
-def fsdp_no_sync(model: FSDPModule):
-    """FSDP's no_sync: gradients accumulate unsharded, with no reduce-scatter, until the context ends."""
-    model.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)
 
 
 def shutdown_runtime() -> None:
@@ -518,13 +508,14 @@ class Trainer:
         return [total / c.clamp(min=1) for c in counts]  # a micro-batch with no targets has a zero loss
 
     def _no_sync(self):
-        """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) of a micro-batch."""
-        if self.sharded:
-            return fsdp_no_sync(self.raw_model)
-        return self.model.no_sync() if self.rt.ddp else nullcontext()
+        """DDP: skip the gradient all-reduce of a micro-batch, the gradients accumulate in place. FSDP
+        reduce-scatters every micro-batch instead: skipping it (set_requires_gradient_sync(False)) would
+        keep every parameter's whole gradient on every rank until the last one, which is the memory
+        that sharding exists to save (docs/scaling.md measures both)."""
+        return self.model.no_sync() if self.rt.ddp and not self.sharded else nullcontext()
 
     def accumulate(self, batches: list[Batch]) -> dict[str, torch.Tensor]:
-        """Backward over the micro-batches (gradients reduced only on the last); the step's metrics.
+        """Backward over the micro-batches (DDP all-reduces only on the last); the step's metrics.
         The MoE aux term is averaged per micro-batch, as it is a mean over all positions, not targets."""
         divisors = self.micro_divisors(batches)
         totals: dict[str, torch.Tensor] = {}

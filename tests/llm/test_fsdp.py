@@ -18,9 +18,13 @@ from tests.llm.torchrun import assert_same_weights, cli_args, initial_weights, t
 
 
 def test_fsdp_two_gloo_ranks_resumed_from_shards_end_where_one_process_ends(tmp_path, corpus):  # noqa: F811
-    """grad_accum=2 runs a micro-step without reduce-scatter, then the reducing one. The two ranks stop
-    after step 2, each writing its shards (torch.distributed.checkpoint), and a new launch resumes from
-    them to step 4; one process runs the 4 steps on the combined batch (2 x 2 rows per micro-batch)."""
+    """grad_accum=2: each micro-batch's gradient is reduce-scattered into the sharded .grad, where they
+    add up as one process's gradients accumulate. The two ranks stop after step 2, each writing its
+    shards (torch.distributed.checkpoint), and a new launch resumes from them to step 4; one process
+    runs the 4 steps on the combined batch (2 x 2 rows per micro-batch).
+
+    Mutation run once: load_sharded reading only the model from the shards (AdamW restarting from
+    zero moments) fails the weight comparison (max difference 6e-3)."""
     common = dict(grad_accum=2, max_steps=4, eval_interval=2)
     fsdp = tiny_config(corpus, tmp_path / "fsdp", batch_size=2, parallel="fsdp", stop_step=2, **common)
     torchrun(["lm", *cli_args(fsdp)], tmp_path)
