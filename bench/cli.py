@@ -111,21 +111,47 @@ def extrapolation_cmd(
 
 @app.command("scaling")
 def scaling_cmd(
-    tokens: int = typer.Option(600_000, min=10_000, help="Training tokens per model (same for all)."),
-    plot: str = typer.Option("docs/img/scaling.png", help="Where to save the PNG of points and fit."),
+    tokens: int = typer.Option(
+        600_000, min=10_000, help="Training tokens per model, the same for all (without --data)."
+    ),
+    data: bool = typer.Option(
+        False, "--data", help="Grid over sizes x token budgets; fit L(N, D) = E + A/N^alpha + B/D^beta."
+    ),
+    budgets: str = typer.Option(
+        "100000,200000,400000,800000", help="With --data: token budgets, comma-separated."
+    ),
+    plot: str | None = typer.Option(
+        None, help="Where to save the PNG (default docs/img/scaling.png, with --data scaling-data.png)."
+    ),
     threads: int = typer.Option(1, min=1, help=THREADS_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Train 5 model sizes on the same tokens and fit loss = a * N^-alpha + c (plot saved as PNG)."""
-    from bench.scaling import run_scaling
+    """Train 5 model sizes on the same tokens and fit loss = a * N^-alpha + c (plot saved as PNG);
+    with --data, 4 sizes x 4 token budgets, the Chinchilla fit and the compute-optimal frontier."""
+    from bench.scaling import run_data_scaling, run_scaling
 
+    if not data:
+        _run_lm_bench(
+            "Scaling: val loss vs non-embedding parameters",
+            as_json,
+            threads,
+            run_scaling,
+            plot_path=plot or "docs/img/scaling.png",
+            tokens=tokens,
+        )
+        return
+    try:
+        token_budgets = tuple(int(b.replace("_", "")) for b in budgets.split(",") if b.strip())
+    except ValueError:
+        typer.echo(f"Error: --budgets wants comma-separated integers, got {budgets!r}", err=True)
+        raise typer.Exit(1) from None
     _run_lm_bench(
-        "Scaling: val loss vs non-embedding parameters",
+        "Scaling with data: L(N, D) over a grid of sizes and token budgets",
         as_json,
         threads,
-        run_scaling,
-        plot_path=plot,
-        tokens=tokens,
+        run_data_scaling,
+        plot_path=plot or "docs/img/scaling-data.png",
+        budgets=token_budgets,
     )
 
 

@@ -1,13 +1,14 @@
 """LLM benchmarks (bench.llm, bench.scaling): that they measure what they claim, on tiny real models.
 
 Speeds are never asserted; what is checked is that the cached and uncached paths decode the same
-tokens, that perplexity is computed over the right windows, that the power-law fit recovers known
-parameters, and that a small training run actually learns.
+tokens, that perplexity is computed over the right windows, that the power-law and L(N, D) fits
+recover known parameters, and that a small training run actually learns.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -26,7 +27,17 @@ from bench.llm import (
     window_scaling,
     windowed_training,
 )
-from bench.scaling import PowerLaw, SmallRun, fit_power_law, plot_scaling, train_small
+from bench.scaling import (
+    DataLaw,
+    PowerLaw,
+    SmallRun,
+    compute_frontier,
+    fit_data_law,
+    fit_power_law,
+    plot_scaling,
+    run_data_scaling,
+    train_small,
+)
 from rag.llm.data import open_tokens
 from rag.llm.model import ModelConfig
 from tests.llm.test_data import corpus, one_thread, tokenizer  # noqa: F401  (fixtures)
@@ -94,6 +105,76 @@ def test_power_law_fit_recovers_known_parameters_and_plots(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="at least 3"):
         fit_power_law(n[:2], [1.0, 2.0])
+
+
+def test_data_law_fit_recovers_known_parameters_and_the_frontier_minimises_loss_at_fixed_compute():
+    truth = DataLaw(E=1.8, A=60.0, alpha=0.35, B=300.0, beta=0.4)
+    n, d = (g.ravel() for g in np.meshgrid([3e4, 1e5, 3e5, 1e6], [1e5, 2e5, 4e5, 8e5]))
+    fit = fit_data_law(list(n), list(d), list(truth(n, d)))
+    for name, value in asdict(truth).items():
+        assert getattr(fit, name) == pytest.approx(value, rel=1e-2), name
+    # N_opt(C) is the minimum of L along the iso-FLOP line D = C / 6N, found here by brute force.
+    compute = 6 * 3e5 * 4e5
+    n_opt, d_opt = truth.optimal(compute)
+    assert 6 * n_opt * d_opt == pytest.approx(compute)
+    line = np.geomspace(n_opt / 30, n_opt * 30, 20001)
+    assert line[np.argmin(truth(line, compute / (6 * line)))] == pytest.approx(n_opt, rel=1e-3)
+    rows = compute_frontier(truth, (3e4, 1e6), (1e5, 8e5), k=3)
+    assert [r["compute"] for r in rows] == pytest.approx(
+        [6 * 3e4 * 1e5, 6 * np.sqrt(3e4 * 1e6 * 1e5 * 8e5), 6 * 1e6 * 8e5]
+    )
+    for r in rows:
+        assert r["tokens_per_param"] == pytest.approx(r["d_opt"] / r["n_opt"])
+        inside = 3e4 <= r["n_opt"] <= 1e6 and 1e5 <= r["d_opt"] <= 8e5
+        assert r["inside_grid"] is inside
+    with pytest.raises(ValueError, match="2\\+ sizes"):
+        fit_data_law([1e4] * 6, [1e5, 2e5, 3e5, 4e5, 5e5, 6e5], [3.0] * 6)
+
+
+def test_data_scaling_miniature_fits_a_finite_law_and_plots(corpus, tmp_path):  # noqa: F811  (fixture)
+    """2 sizes x 3 token budgets on the toy corpus: more tokens lower the loss, the fit is finite and
+    close to the points, and the output states the grid it was fitted on."""
+    base = SmallRun(block_size=32, batch_size=8, lr=5e-3, eval_iters=4)
+    out = run_data_scaling(
+        tmp_path / "img" / "data.png",
+        budgets=(2048, 4096, 8192),
+        sizes=((1, 16, 2), (1, 32, 2)),
+        progress=lambda _: None,
+        base=base,
+        data_dir=corpus,
+    )
+    points = out["points"]
+    assert [(p["d_model"], p["tokens"]) for p in points] == [
+        (s, t) for s in (16, 32) for t in (2048, 4096, 8192)
+    ]
+    for size in (16, 32):
+        losses = [p["val_loss"] for p in points if p["d_model"] == size]
+        assert losses[-1] < losses[0], losses  # 4x the tokens: lower loss
+    fit = out["fit"]
+    assert all(math.isfinite(fit[k]) for k in ("E", "A", "alpha", "B", "beta", "rmse"))
+    assert fit["rmse"] < 0.1 * min(p["val_loss"] for p in points)
+    assert fit["n_opt_exponent"] + fit["d_opt_exponent"] == pytest.approx(1.0)
+    assert out["grid"]["tokens"] == [2048, 8192] and out["grid"]["params"][0] < out["grid"]["params"][1]
+    assert "extrapolation" in out["note"] and "2,048-8,192 tokens" in out["note"]
+    assert len(out["frontier"]) == 5 and all(r["tokens_per_param"] > 0 for r in out["frontier"])
+    assert (tmp_path / "img" / "data.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="5\\+ runs"):
+        run_data_scaling(tmp_path / "x.png", budgets=(2048, 4096), sizes=((1, 16, 2), (1, 32, 2)))
+
+
+def test_cli_scaling_data_passes_the_budgets_and_rejects_bad_ones(monkeypatch):
+    seen = {}
+
+    def fake(progress, **kwargs):
+        seen.update(kwargs)
+        return {"fit": {"alpha": 0.3}}
+
+    monkeypatch.setattr("bench.scaling.run_data_scaling", fake)
+    result = CliRunner().invoke(app, ["scaling", "--data", "--budgets", "1000,4_000", "--json"])
+    assert result.exit_code == 0, result.output
+    assert seen == {"plot_path": "docs/img/scaling-data.png", "budgets": (1000, 4000)}
+    result = CliRunner().invoke(app, ["scaling", "--data", "--budgets", "1e5,x"])
+    assert result.exit_code == 1 and "comma-separated integers" in result.output
 
 
 def test_small_training_run_learns(corpus, tmp_path):  # noqa: F811  (fixture)
