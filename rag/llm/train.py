@@ -25,9 +25,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -231,6 +228,9 @@ def shard(model: GPT, rt: Runtime) -> GPT:
     parameter becomes a DTensor split along dim 0 over the ranks, and so do its gradient and, once the
     optimizer is built on these parameters, its AdamW moments. A model still on the CPU is moved to the
     device one unit at a time, so the device never holds all of it."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard  # imported here: half a second that DDP runs skip
+
     mesh = init_device_mesh(rt.device.type, (rt.world_size,))
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
@@ -421,10 +421,11 @@ class Trainer:
         )
         if changed and self.rt.main:
             print(f"warning: resuming with changed settings {changed}: not an exact continuation")
-        if state.get("sharded", False) != self.sharded:
+        was_sharded = state.get("sharded", False)
+        if was_sharded != self.sharded:
             raise ValueError(
-                f"checkpoint in {self.out_dir} was written {'with' if self.sharded else 'without'} FSDP "
-                f"sharding: resume it with the same parallel setting and number of ranks"
+                f"checkpoint in {self.out_dir} was written {'with' if was_sharded else 'without'} FSDP "
+                "sharding: resume it with the same parallel setting and number of ranks"
             )
         if self.sharded:
             step = ckpt.load_sharded(self.out_dir, self.raw_model, self.optimizer)
@@ -543,7 +544,7 @@ class Trainer:
         totals = self.accumulate(batches)
         if self.cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.grad_clip)
-            totals["grad_norm"] = norm.full_tensor() if isinstance(norm, DTensor) else norm
+            totals["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
