@@ -189,7 +189,7 @@ def _save(fig, path: Path) -> None:
 
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -359,12 +359,20 @@ def compute_frontier(law: DataLaw, n_range: tuple[float, float], d_range: tuple[
     ]
 
 
-def plot_data_scaling(points: list[dict], law: DataLaw, path: Path, title: str) -> None:
+def plot_data_scaling(points: list[dict], law: DataLaw, path: Path, corpus: str) -> None:
     """Contours of the fitted L over (N, D) a little past the grid (drawn as a dashed box), the
     measured points, iso-compute lines, the compute-optimal frontier and Chinchilla's D = 20 N."""
     n = np.array([p["total_params"] for p in points], dtype=float)
     d = np.array([p["tokens"] for p in points], dtype=float)
     (n_lo, n_hi), (d_lo, d_hi) = (n.min(), n.max()), (d.min(), d.max())
+    in_grid = [
+        r["tokens_per_param"]
+        for r in compute_frontier(law, (n_lo, n_hi), (d_lo, d_hi), k=50)
+        if r["inside_grid"]
+    ]
+    title = f"{corpus}, fitted on the dashed box: D_opt/N_opt " + (
+        f"{min(in_grid):.3g}-{max(in_grid):.3g} inside it" if in_grid else "outside it everywhere"
+    )
     ns, ds = np.geomspace(n_lo / 2, n_hi * 2, 120), np.geomspace(d_lo / 2, d_hi * 2, 120)
     grid_n, grid_d = np.meshgrid(ns, ds)
     fig, ax = _axes((7.0, 5.2))
@@ -381,7 +389,11 @@ def plot_data_scaling(points: list[dict], law: DataLaw, path: Path, title: str) 
             textcoords="offset points",
         )
     ax.plot(
-        [n_lo, n_hi, n_hi, n_lo, n_lo], [d_lo, d_lo, d_hi, d_hi, d_lo], "w--", lw=1.2, label="fitted range"
+        [n_lo, n_hi, n_hi, n_lo, n_lo],
+        [d_lo, d_lo, d_hi, d_hi, d_lo],
+        "m--",
+        lw=1.5,
+        label="fitted range (the grid)",
     )
     compute = np.geomspace(6 * ns[0] * ds[0], 6 * ns[-1] * ds[-1], 200)
     n_opt, d_opt = law.optimal(compute)
@@ -396,8 +408,9 @@ def plot_data_scaling(points: list[dict], law: DataLaw, path: Path, title: str) 
     for c in np.geomspace(6 * n_lo * d_lo, 6 * n_hi * d_hi, 5):
         ax.plot(ns, c / (6 * ns), color="gray", lw=0.6, ls="-.")
     ax.set(xscale="log", yscale="log", xlim=(ns[0], ns[-1]), ylim=(ds[0], ds[-1]))
-    ax.set(xlabel="parameters N (incl. tied embedding)", ylabel="training tokens D", title=title)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.set(xlabel="parameters N (incl. tied embedding)", ylabel="training tokens D")
+    ax.set_title(f"{title} (Chinchilla ~20)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)  # below: no point hidden
     _save(fig, path)
 
 
@@ -430,13 +443,7 @@ def run_data_scaling(
     law = fit_data_law(n, d, losses)
     n_range, d_range = (min(n), max(n)), (min(d), max(d))
     frontier = compute_frontier(law, n_range, d_range)
-    ratios = [f["tokens_per_param"] for f in frontier]
-    plot_data_scaling(
-        points,
-        law,
-        plot_path,
-        f"{corpus}: fitted D_opt/N_opt {min(ratios):.3g}-{max(ratios):.3g} (Chinchilla ~20)",
-    )
+    plot_data_scaling(points, law, plot_path, corpus)
     s = law.alpha + law.beta
     return {
         "corpus": corpus,
