@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -52,3 +53,15 @@ def test_parallel_option_reaches_the_trainer(tmp_path, corpus):  # noqa: F811
     args = ["lm", "--data", str(corpus), "--out", str(tmp_path), "--device", "cpu", "--parallel", "zero3"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1 and "parallel must be one of ('ddp', 'fsdp')" in result.output
+
+
+def test_fsdp_memory_bench_counts_each_ranks_tensors():
+    """bench.fsdp_memory (the docs/scaling.md table) in one process: fp32 parameters and gradients of 4
+    bytes each plus AdamW's two 4-byte moments are 16 bytes per parameter, counted exactly."""
+    from bench.fsdp_memory import measure
+
+    (row,) = measure("ddp", 1)
+    assert row["ranks"] == 1 and row["n_params"] > 29_000_000
+    assert row["state_mb"] == pytest.approx(16 * row["n_params"] / 2**20, abs=0.2)
+    assert row["adam_mb"] == pytest.approx(2 * row["params_mb"], abs=0.2)
+    assert row["peak_mb"] >= row["rss_after_mb"] > 0
