@@ -117,8 +117,8 @@ def scaling_cmd(
     data: bool = typer.Option(
         False, "--data", help="Grid over sizes x token budgets; fit L(N, D) = E + A/N^alpha + B/D^beta."
     ),
-    budgets: str = typer.Option(
-        "100000,200000,400000,800000", help="With --data: token budgets, comma-separated."
+    budgets: str | None = typer.Option(
+        None, help="With --data: token budgets, comma-separated (default 200000,400000,800000,1600000)."
     ),
     plot: str | None = typer.Option(
         None, help="Where to save the PNG (default docs/img/scaling.png, with --data scaling-data.png)."
@@ -140,18 +140,20 @@ def scaling_cmd(
             tokens=tokens,
         )
         return
-    try:
-        token_budgets = tuple(int(b.replace("_", "")) for b in budgets.split(",") if b.strip())
-    except ValueError:
-        typer.echo(f"Error: --budgets wants comma-separated integers, got {budgets!r}", err=True)
-        raise typer.Exit(1) from None
+    grid = {}
+    if budgets is not None:
+        try:
+            grid["budgets"] = tuple(int(b.replace("_", "")) for b in budgets.split(",") if b.strip())
+        except ValueError:
+            typer.echo(f"Error: --budgets wants comma-separated integers, got {budgets!r}", err=True)
+            raise typer.Exit(1) from None
     _run_lm_bench(
         "Scaling with data: L(N, D) over a grid of sizes and token budgets",
         as_json,
         threads,
         run_data_scaling,
         plot_path=plot or "docs/img/scaling-data.png",
-        budgets=token_budgets,
+        **grid,
     )
 
 

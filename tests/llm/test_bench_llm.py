@@ -173,6 +173,9 @@ def test_cli_scaling_data_passes_the_budgets_and_rejects_bad_ones(monkeypatch):
     result = CliRunner().invoke(app, ["scaling", "--data", "--budgets", "1000,4_000", "--json"])
     assert result.exit_code == 0, result.output
     assert seen == {"plot_path": "docs/img/scaling-data.png", "budgets": (1000, 4000)}
+    seen.clear()
+    assert CliRunner().invoke(app, ["scaling", "--data", "--json", "--plot", "p.png"]).exit_code == 0
+    assert seen == {"plot_path": "p.png"}  # run_data_scaling's own default grid
     result = CliRunner().invoke(app, ["scaling", "--data", "--budgets", "1e5,x"])
     assert result.exit_code == 1 and "comma-separated integers" in result.output
 
