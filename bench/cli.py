@@ -188,6 +188,23 @@ def search_cmd(
     _show("Search latency", run(chunks, queries, k, threads=threads), as_json)
 
 
+@app.command("scale")
+def scale_cmd(
+    chunks: int = typer.Option(1_000_000, min=300, help="Chunks of the large index (built once, cached)."),
+    base_chunks: int = typer.Option(100_000, min=300, help="Chunks of the base index (built once, cached)."),
+    queries: int = typer.Option(200, min=1, help="Timed queries (SQuAD) and recall queries (mixture)."),
+    clusters: int = typer.Option(256, min=1, help="Clusters of the Gaussian-mixture stand-in vectors."),
+    threads: int = typer.Option(1, min=1, help="Torch and FAISS threads."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON value instead of tables."),
+) -> None:
+    """Flat vs approximate vector index at base and N chunks: recall@10, hybrid p50/p95, build
+    time, RSS, bytes per vector; time to add 10 files at N. Vectors are a stated stand-in."""
+    from bench.scale import run
+
+    result = run(chunks, base_chunks, queries, clusters=clusters, threads=threads)
+    _show("Index at scale: flat vs approximate", result, as_json)
+
+
 @app.command("answer")
 def answer_cmd(
     model: Path | None = typer.Option(
