@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 
 import pytest
+from playwright.sync_api import Page
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from tests.app.servers import CHROMIUM, KEY, chromium_page, listening_on, ui_server
 
@@ -24,6 +26,36 @@ def ui(corpus):
 def page(ui):
     with chromium_page() as page:
         yield page
+
+
+def settle(page: Page) -> None:
+    """Wait until Streamlit's script run is over (its status widget gone): a widget filled while a
+    run re-renders the page can be replaced and lose what was typed."""
+    page.wait_for_timeout(500)  # a run started by the last action shows its status widget
+    page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=60_000)
+
+
+def commit_key(page: Page, key: str) -> None:
+    """Type the API key and let the rerun its commit starts (Streamlit commits a text input on
+    Enter) finish, so that the next request carries it; typed again if a re-render cleared it."""
+    field = page.locator('input[aria-label="API key"]')
+    for _ in range(3):
+        settle(page)
+        field.fill(key)
+        field.press("Enter")
+        settle(page)
+        if field.input_value() == key:
+            return
+    pytest.fail("the API key field does not keep what is typed")
+
+
+def wait_for_report(page: Page, pattern: str, timeout: float = 120_000) -> None:
+    """Wait for a message; if it never comes, fail with what the page shows instead."""
+    try:
+        page.get_by_text(re.compile(pattern)).first.wait_for(timeout=timeout)
+    except PlaywrightTimeout:
+        alerts = page.locator('[data-testid="stAlert"]').all_inner_texts()
+        pytest.fail(f"no {pattern!r} after {timeout / 1000:.0f} s; the page's messages: {alerts}")
 
 
 def test_search_shows_cited_passages(ui, page, tmp_path):
@@ -43,12 +75,9 @@ def test_admin_page_lists_documents_and_refuses_a_wrong_key(ui, page):
     page.goto(ui)
     page.get_by_text("Admin").click()
     page.get_by_text("Documents (").wait_for(timeout=30_000)
-    key = page.locator('input[aria-label="API key"]')
-    key.fill("wrong-key")
-    key.press("Enter")  # Streamlit commits a text input on Enter/blur, then reruns the script
-    page.wait_for_timeout(1500)
+    commit_key(page, "wrong-key")
     page.get_by_role("button", name="Ingest").click()
-    page.get_by_text("missing or wrong API key").first.wait_for(timeout=60_000)
+    wait_for_report(page, "missing or wrong API key", timeout=60_000)
 
 
 def test_ui_listens_on_this_machine_only_and_shows_no_deploy_button(ui, page):
@@ -64,13 +93,10 @@ def test_ui_listens_on_this_machine_only_and_shows_no_deploy_button(ui, page):
 def test_admin_ingest_shows_progress_then_the_report(ui, page, corpus):
     page.goto(ui)
     page.get_by_text("Admin").click()
-    key = page.locator('input[aria-label="API key"]')
-    key.fill(KEY)
-    key.press("Enter")
-    page.wait_for_timeout(1500)
+    commit_key(page, KEY)
     page.get_by_label("Folders or files on the server, one per line").fill(str(corpus / "docs"))
     page.get_by_role("button", name="Ingest").click()
-    page.get_by_text(re.compile(r"\d+ ingested, \d+ unchanged")).wait_for(timeout=120_000)
+    wait_for_report(page, r"\d+ ingested, \d+ unchanged")
     page.get_by_text("Done").wait_for(timeout=10_000)  # the progress bar's last state
 
 
