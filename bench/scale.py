@@ -46,25 +46,19 @@ RECALL_TARGET, P50_FACTOR_TARGET, ADD_TARGET_S = 0.95, 2.0, 5.0
 WARMUP = 10
 
 
-class MixtureRng(np.random.Generator):
-    """A numpy Generator whose `standard_normal((n, dim))` draws from the Gaussian mixture instead:
-    passed as `build_index`'s seed (numpy's `default_rng` returns a Generator unchanged), it makes
-    that builder write clustered vectors (it normalizes them itself)."""
+class GaussianMixture:
+    """Unit vectors clustered like real embeddings: a fixed set of random unit centres, each vector
+    one centre plus Gaussian noise of norm about NOISE, normalized (cosine ~0.8 to its centre)."""
 
     def __init__(self, clusters: int, dim: int, seed: int):
-        super().__init__(np.random.PCG64(seed))
+        self.rng = np.random.default_rng(seed)
         centres = np.random.default_rng(12345).standard_normal((clusters, dim))  # one fixed mixture
         self.centres = centres / np.linalg.norm(centres, axis=1, keepdims=True)
 
-    def standard_normal(
-        self, size: tuple[int, int], dtype: type = np.float64, out: None = None
-    ) -> np.ndarray:
-        n, dim = size
-        noise = super().standard_normal(size) * (NOISE / np.sqrt(dim))
-        return (self.centres[self.integers(len(self.centres), size=n)] + noise).astype(dtype)
-
     def unit(self, n: int) -> np.ndarray:
-        vecs = self.standard_normal((n, self.centres.shape[1]), dtype=np.float32)
+        dim = self.centres.shape[1]
+        noise = self.rng.standard_normal((n, dim)) * (NOISE / np.sqrt(dim))
+        vecs = (self.centres[self.rng.integers(len(self.centres), size=n)] + noise).astype(np.float32)
         return vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
 
 
@@ -72,10 +66,10 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def _add_files(store: Store, rng: MixtureRng, words: int) -> float:
+def _add_files(store: Store, mixture: GaussianMixture, words: int) -> float:
     """Seconds to add ADD_FILES documents (BM25 + vectors, pre-computed) and publish the snapshot."""
     texts = passages(ADD_FILES * CHUNKS_PER_ADDED_FILE, words)
-    vecs = rng.unit(len(texts))
+    vecs = mixture.unit(len(texts))
     added = []
     t0 = time.perf_counter()
     for f in range(ADD_FILES):
@@ -143,12 +137,12 @@ def run(
     embedder = get_embedder(settings.embedding_model, settings.device, settings.embedding_batch_size)
     approx = VectorSpec.from_settings(settings)
     questions = squad_questions(queries + WARMUP)
-    qvecs = MixtureRng(clusters, embedder.dim, seed=1).unit(queries)
+    qvecs = GaussianMixture(clusters, embedder.dim, seed=1).unit(queries)
     rows, add_s = [], None
     for size, n in (("base", base_chunks), ("N", chunks)):
         index_dir = bench_dir / "scale" / f"index-{n}x{words}w-mix{clusters}"
-        vectors = MixtureRng(clusters, embedder.dim, seed=0)  # build_index draws its vectors from it
-        build_index(index_dir, n, words, embedder.name, embedder.dim, seed=vectors)
+        vectors = GaussianMixture(clusters, embedder.dim, seed=0).unit
+        build_index(index_dir, n, words, embedder.name, embedder.dim, vectors)
         # the kind already on disk goes last, so that each open really rebuilds the vector index
         on_disk = json.loads((index_dir / MANIFEST_NAME).read_text())["vectors"]["kind"]
         found, measured = {}, {}
@@ -157,7 +151,7 @@ def run(
             measured[kind], found[kind], store = _measure_kind(index_dir, spec, embedder, questions, qvecs, k)
             with store:
                 if size == "N" and kind != "flat":
-                    add_s = _add_files(store, MixtureRng(clusters, embedder.dim, seed=2), words)
+                    add_s = _add_files(store, GaussianMixture(clusters, embedder.dim, seed=2), words)
         for kind in ("flat", approx.auto_kind):
             overlap = [len(a & e) / max(1, len(e)) for a, e in zip(found[kind], found["flat"], strict=True)]
             rows.append({"size": size, **measured[kind], "recall_at_10": float(np.mean(overlap))})

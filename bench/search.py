@@ -27,13 +27,32 @@ from rag.types import Chunk
 CHUNKS_PER_DOC = 100
 
 
-def build_index(index_dir: Path, n_chunks: int, words: int, model: str, dim: int, seed: int = 0) -> None:
-    """Documents of CHUNKS_PER_DOC passages each, with random unit vectors; reused if complete."""
+def random_unit_vectors(dim: int, seed: int = 0) -> Callable[[int], np.ndarray]:
+    """n -> (n, dim) float32 unit vectors, uniform on the sphere, one seeded stream."""
+    rng = np.random.default_rng(seed)
+
+    def draw(n: int) -> np.ndarray:
+        vecs = rng.standard_normal((n, dim)).astype(np.float32)
+        return vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+
+    return draw
+
+
+def build_index(
+    index_dir: Path,
+    n_chunks: int,
+    words: int,
+    model: str,
+    dim: int,
+    vectors: Callable[[int], np.ndarray] | None = None,
+) -> None:
+    """Documents of CHUNKS_PER_DOC passages each, with `vectors(n)` (default: random unit vectors);
+    reused if complete."""
     if (index_dir / DONE).exists():
         return
     shutil.rmtree(index_dir, ignore_errors=True)
     texts = passages(n_chunks, words)
-    rng = np.random.default_rng(seed)
+    draw = vectors or random_unit_vectors(dim)
     with Store(index_dir, model, dim) as store:
         for d in tqdm(range(0, n_chunks, CHUNKS_PER_DOC), desc="building benchmark index", unit="doc"):
             part = texts[d : d + CHUNKS_PER_DOC]
@@ -41,8 +60,7 @@ def build_index(index_dir: Path, n_chunks: int, words: int, model: str, dim: int
             for text in part:
                 chunks.append(Chunk(page=1, start=start, end=start + len(text), text=text))
                 start += len(text) + 2  # the document is the passages joined by blank lines
-            vecs = rng.standard_normal((len(part), dim)).astype(np.float32)
-            vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+            vecs = draw(len(part))
             store.put_document(
                 f"/bench/doc{d // CHUNKS_PER_DOC:05d}.txt",
                 title=f"benchmark document {d // CHUNKS_PER_DOC}",
