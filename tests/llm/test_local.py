@@ -3,6 +3,8 @@ and O(T * w) in the scores it builds."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -70,21 +72,58 @@ def test_block_local_path_is_chosen_automatically(monkeypatch):
     assert not used(prefix, 30, prefix_len=torch.tensor([5]))
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("window", list(WINDOWS))
+def test_any_block_size_gives_the_dense_result(window, rows, monkeypatch):
+    """Blocks of C query rows read their own and the ceil((w - 1) / C) blocks before: any C, dividing
+    the window or not, shorter or longer than it, gives the dense path's outputs and gradients."""
+    cfg = tiny(**WINDOWS[window], pos="alibi", n_kv_head=2)
+    model = make_model(cfg).train()
+    x = tokens(cfg, 2, 26)
+
+    def run() -> list[torch.Tensor]:
+        model.zero_grad()
+        out = model(x, targets=x)
+        out.loss.backward()
+        return [out.logits] + [p.grad.clone() for p in model.parameters()]
+
+    monkeypatch.setattr(model_module, "local_plan", functools.partial(local_plan, rows=rows))
+    local = run()
+    dense(monkeypatch)
+    for got, ref in zip(local, run(), strict=True):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_sdpa_mask_is_made_once_per_forward_and_shared_by_the_layers(monkeypatch):
+    cfg = tiny(**WINDOWS["sliding"], n_layer=3)
+    plans = []
+    monkeypatch.setattr(model_module, "local_plan", lambda *a: plans.append(local_plan(*a)) or plans[-1])
+    make_model(cfg)(tokens(cfg, 2, 30))
+    (plan,) = plans
+    assert len(plan._sdpa_masks) == 1  # three layers, one additive mask
+    (mask,) = plan._sdpa_masks.values()
+    assert mask.dtype == torch.float32 and mask.dim() == 4
+
+
 @pytest.mark.parametrize("window", list(WINDOWS))
 def test_scores_grow_linearly_with_length(window):
-    """The block masks (one entry per score computed) hold T * (2w - 1 + G) entries: doubling T
-    doubles them, where the dense (T, T) mask quadruples."""
+    """The block masks (one entry per score computed) hold T * (K + G) entries, K <= 2w window keys
+    per query (1.5w with the default blocks of w / 2): doubling T doubles them, where the dense
+    (T, T) mask quadruples."""
     cfg = tiny(**WINDOWS[window], block_size=4096)
     model = make_model(cfg)
 
+    def plan(T: int):
+        return local_plan(torch.arange(T)[None], cfg, lambda q, k: model._mask(q, k, False, None))
+
     def scores(T: int) -> int:
-        pos = torch.arange(T)[None]
-        plan = local_plan(pos, cfg, lambda q, k: model._mask(q, k, False, None))
-        return plan.mask.numel()
+        return plan(T).mask.numel()
 
     w, d = cfg.window_size, cfg.dilation if window == "dilated" else 1
     g = len(cfg.global_positions)
+    keys = plan(240).keys
+    assert w <= keys <= 2 * w
     for T in (240, 960):
-        assert scores(T) == T * (2 * w - 1 + g)  # T a multiple of d * w: no padded rows
+        assert scores(T) == T * (keys + g)  # T a multiple of d * w: no padded rows
     assert scores(1920) == 2 * scores(960)
     assert d * w * 2 <= 240
