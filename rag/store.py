@@ -9,6 +9,10 @@ Crash safety rests on three rules:
 3. Snapshots are written to a temp name, fsynced and renamed into place, so a reader (or a
    process started after a crash) sees an old whole file or a new whole file, never half of one.
 
+BM25 is segmented (`rag.bm25`): new chunks go into a new small segment, deleted ones become
+tombstones, and background merges keep the number of segments logarithmic; a snapshot lists its
+segments (immutable directories under `segments/`, shared between snapshots) and tombstones.
+
 The vector snapshot is exact (flat) while the index is small and approximate (IVF) when large
 (`rag.vectors`); a writer's `save()` rebuilds it from SQLite's vectors when the size or the
 settings call for another kind, and readers pick the new kind up on their next `refresh()`.
@@ -29,15 +33,14 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import bm25s
 import numpy as np
 
 from rag.analysis import Analyzer
+from rag.bm25 import Segment, SegmentedBM25, build_segment, merge_segments
 from rag.types import Chunk, Hit
 from rag.vectors import VectorIndex, VectorSpec
 
@@ -45,12 +48,14 @@ SCHEMA_VERSION = 1
 DB_NAME = "meta.sqlite"
 FAISS_NAME = "vectors.faiss"
 MANIFEST_NAME = "manifest.json"
-BM25_PREFIX = "bm25-"  # + generation + analyzer tag: one directory per snapshot (bm25s writes several files)
+BM25_PREFIX = "bm25-"  # + generation + merge count + analyzer tag: one small directory per snapshot
 ANALYZER_FILE = "analyzer.txt"  # in a BM25 snapshot: the Analyzer.name its tokens came from
 LANGUAGES_FILE = "languages.json"  # in a BM25 snapshot: chunks per detected language
+SEGMENTS_FILE = "segments.json"  # in a BM25 snapshot: names of its segments, in SEGMENTS_DIR
+DELETED_FILE = "deleted.npy"  # in a BM25 snapshot: tombstones (chunk ids deleted from its segments)
+SEGMENTS_DIR = "segments"  # BM25 segments, each an immutable directory that snapshots refer to
 TMP_PREFIX = ".tmp-"  # + pid: leftovers of a killed writer are removed by the next one
 SQL_BATCH = 500  # ids per `IN (...)` query, well under SQLite's variable limit
-BM25_REBUILD_SHARE = 0.1  # refresh() during a long ingest spends at most ~this share of time on BM25
 
 SCHEMA = [
     "CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -125,6 +130,14 @@ def _publish(tmp: Path, final: Path) -> None:
     _fsync_path(final.parent)
 
 
+def _snapshot_gen(snap: Path) -> int:
+    """The generation in a BM25 snapshot's name (bm25-<generation>-...)."""
+    try:
+        return int(snap.name[len(BM25_PREFIX) :].split("-")[0])
+    except ValueError:
+        return -1
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -163,7 +176,6 @@ class Store:
         # re-ingest: its snapshots are ignored, BM25 is rebuilt, and a writer saves the new one.
         self.analyzer = analyzer or Analyzer()
         self._analyzer_tag = hashlib.sha1(self.analyzer.name.encode()).hexdigest()[:8]
-        self._chunk_lang: dict[int, str | None] = {}  # chunk id -> language: rebuilds skip detection
         self._lock = threading.RLock()
         db_path = self.index_dir / DB_NAME
         if (readonly or not create) and not db_path.is_file():
@@ -186,12 +198,11 @@ class Store:
         self.gen = -1  # SQLite generation that the in-memory FAISS reflects
         self._vectors = VectorIndex.flat(self.dim)
         self._txn_added: list[np.ndarray] = []  # vectors added by the write transaction under way
-        self._bm25: bm25s.BM25 | None = None
-        self._bm25_ids: np.ndarray | None = None  # row i of the BM25 matrix is chunk _bm25_ids[i]
-        self._bm25_gen = -1
-        self._bm25_alive: np.ndarray | None = None  # rows not deleted since, while BM25 lags FAISS
-        self._bm25_langs: dict[str, int] = {}  # chunks per language in BM25: queries choose among them
-        self._bm25_cost, self._bm25_built_at = 0.0, -np.inf
+        self._bm25 = SegmentedBM25()
+        self._bm25_gen = -1  # SQLite generation that BM25 reflects
+        self._merges = 0  # merges committed: a snapshot of the same generation after one is new
+        self._merger: threading.Thread | None = None
+        self._closed = False
         self._load_snapshot()
         if not readonly:
             self._remove_dead_temps()
@@ -199,6 +210,7 @@ class Store:
             if (
                 manifest.get("generation") != self.gen
                 or manifest.get("analyzer") != self.analyzer.name
+                or "bm25_segments" not in manifest  # an index from before segmented BM25
                 or self.vector_spec.needs_rebuild(self._vectors, self._vectors.ntotal)
             ):
                 self.save()  # after a crash, an analyzer or vector-index change: persist the new state
@@ -288,26 +300,22 @@ class Store:
     def _vectors_facts(self) -> dict:
         return {"kind": self._vectors.kind, "nlist": self._vectors.nlist}
 
-    def _sync(self, exact: bool = True) -> None:
-        """Bring FAISS and BM25 to SQLite's newest committed state, both from ONE read transaction.
-
-        With `exact=False` a BM25 rebuild that is not due yet (see `refresh`) is put off.
-        """
-        with self._lock, self._txn(write=False):
-            gen = self._db_gen()
-            if gen == self.gen and gen == self._bm25_gen:
-                return
-            ids = self._chunk_ids()
-            if gen != self.gen:
-                if self._published_vectors_differ():
-                    self._load_vectors()
-                self._sync_faiss(ids)
-                self.gen = gen
-            due = time.monotonic() - self._bm25_built_at >= self._bm25_cost / BM25_REBUILD_SHARE
-            if self._sync_bm25(ids, rebuild=exact or due):
-                self._bm25_gen, self._bm25_alive = gen, None
-            else:
-                self._bm25_alive = np.isin(self._bm25_ids, ids)
+    def _sync(self) -> None:
+        """Bring FAISS and BM25 to SQLite's newest committed state, both from ONE read transaction."""
+        with self._lock:
+            with self._txn(write=False):
+                gen = self._db_gen()
+                if gen == self.gen and gen == self._bm25_gen:
+                    return
+                ids = self._chunk_ids()
+                if gen != self.gen:
+                    if self._published_vectors_differ():
+                        self._load_vectors()
+                    self._sync_faiss(ids)
+                    self.gen = gen
+                self._sync_bm25(ids)
+                self._bm25_gen = gen
+            self._schedule_merge()
 
     def _faiss_ids(self) -> np.ndarray:
         return self._vectors.ids()
@@ -354,49 +362,77 @@ class Store:
             self._vectors = VectorIndex.build(kind, self.dim, spec, n, sample, self._all_vectors())
         return True
 
-    def _sync_bm25(self, ids: np.ndarray, rebuild: bool) -> bool:
-        """Keep, load or (if `rebuild`) rebuild BM25 to cover exactly `ids`; False if it could not.
-        bm25s cannot add documents, so a rebuild reads every chunk: the one costly step here."""
-        if self._bm25_ids is not None and np.array_equal(self._bm25_ids, ids):
-            return True
-        for snap in self._bm25_snapshots()[:2]:
-            try:
-                if (snap / ANALYZER_FILE).read_text() == self.analyzer.name and np.array_equal(
-                    np.load(snap / "chunk_ids.npy"), ids
-                ):
-                    self._bm25 = bm25s.BM25.load(snap, show_progress=False) if len(ids) else None
-                    self._bm25_ids = ids
-                    self._bm25_langs = json.loads((snap / LANGUAGES_FILE).read_text())
-                    return True
-            except (OSError, ValueError, KeyError):  # removed by a newer writer while we looked: rebuild
-                continue
-        if not rebuild:
-            return False
-        t0 = time.monotonic()
-        self._bm25, self._bm25_ids = self._build_bm25()
-        self._bm25_built_at = time.monotonic()
-        self._bm25_cost = self._bm25_built_at - t0
-        return True
+    def _sync_bm25(self, ids: np.ndarray) -> None:
+        """Make BM25 cover exactly `ids`: start from a writer's newer snapshot if there is one (its
+        segments may be merged already), then mark deleted chunks dead and index the new ones as
+        one new segment. Cost: the new chunks, not the index (bm25s had to rebuild it all)."""
+        if np.array_equal(self._bm25.alive_ids(), ids):
+            return
+        self._load_bm25_snapshot()
+        have = self._bm25.alive_ids()
+        self._bm25.delete(np.setdiff1d(have, ids, assume_unique=True))
+        missing = np.setdiff1d(ids, have, assume_unique=True)
+        if len(missing) == len(ids):  # from nothing: one scan beats batches of IN (...)
+            rows = self._db.execute("SELECT id, text FROM chunks ORDER BY id")
+        else:
+            rows = self._rows_by_id("SELECT id, text FROM chunks WHERE id IN ({})", missing)
+        self._bm25.add(build_segment(self._analyzed(rows)))
 
-    def _build_bm25(self) -> tuple[bm25s.BM25 | None, np.ndarray]:
-        vocab: dict[str, int] = {}
-        corpus: list[list[int]] = []
-        ids: list[int] = []
-        known, self._chunk_lang = self._chunk_lang, {}
-        for cid, text in self._db.execute("SELECT id, text FROM chunks ORDER BY id"):
-            ids.append(cid)
-            # a chunk id's text never changes, so neither does its language
-            lang = known[cid] if cid in known else self.analyzer.language(text)
-            self._chunk_lang[cid] = lang
-            corpus.append([vocab.setdefault(tok, len(vocab)) for tok in self.analyzer.tokens(text, lang)])
-        self._bm25_langs = dict(Counter(lang for lang in self._chunk_lang.values() if lang))
-        if not corpus:
-            return None, np.zeros(0, dtype=np.int64)
-        if not vocab:  # only punctuation everywhere: give bm25s one (never queried) token
-            vocab[""] = 0
-        bm25 = bm25s.BM25()
-        bm25.index((corpus, vocab), create_empty_token=False, show_progress=False)
-        return bm25, np.array(ids, dtype=np.int64)
+    def _analyzed(self, rows: Iterable[tuple[int, str]]) -> Iterator[tuple[int, list[str], str | None]]:
+        for cid, text in rows:
+            lang = self.analyzer.language(text)
+            yield cid, self.analyzer.tokens(text, lang), lang
+
+    def _load_bm25_snapshot(self) -> None:
+        """Replace our BM25 by the newest readable snapshot of a later generation than ours, if any
+        (segments we already hold are reused, not read again)."""
+        for snap in self._bm25_snapshots()[:2]:
+            if _snapshot_gen(snap) <= self._bm25_gen:
+                return
+            try:
+                if (snap / ANALYZER_FILE).read_text() != self.analyzer.name:
+                    continue
+                names = json.loads((snap / SEGMENTS_FILE).read_text())
+                dead = np.load(snap / DELETED_FILE)
+                held = {seg.name: seg for seg in self._bm25.segments if seg.name}
+                segments = [
+                    (held.get(name) or Segment.load(self.index_dir / SEGMENTS_DIR / name)).with_dead(dead)
+                    for name in names
+                ]
+            except (OSError, ValueError, KeyError):  # older format, or removed by a newer writer
+                continue
+            self._bm25 = SegmentedBM25(segments)
+            return
+
+    def _schedule_merge(self) -> None:
+        """Start a background merge if one is due and none is running (one at a time per Store)."""
+        with self._lock:
+            if self._closed or (self._merger is not None and self._merger.is_alive()):
+                return
+            inputs = self._bm25.merge_plan()
+            if inputs:
+                self._merger = threading.Thread(
+                    target=self._merge, args=(self._bm25, inputs), name="bm25-merge", daemon=True
+                )
+                self._merger.start()
+
+    def _merge(self, bm25: SegmentedBM25, inputs: list[Segment]) -> None:
+        """Merge outside the lock (queries go on), swap the result in under it."""
+        merged = merge_segments(inputs)
+        with self._lock:
+            if self._closed or bm25 is not self._bm25 or not bm25.replace(inputs, merged):
+                return
+            self._merges += 1
+        self._schedule_merge()
+
+    def wait_for_merges(self) -> None:
+        """Return once no merge is running or due: before a final `save()`, in tests, benchmarks."""
+        while True:
+            self._schedule_merge()
+            merger = self._merger
+            if merger is None or not merger.is_alive():
+                return
+            merger.join()
 
     def _bm25_snapshots(self) -> list[Path]:
         """Newest first (names start with the zero-padded generation)."""
@@ -411,48 +447,39 @@ class Store:
     def refresh(self) -> None:
         """See the latest state committed by another process (one query when nothing changed).
 
-        FAISS always catches up. BM25 catches up from a writer's snapshot when one matches, else
-        by a rebuild, but a process calling this per request during a long ingest rebuilds at
-        most ~BM25_REBUILD_SHARE of its time; until then lexical hits come from the previous
-        committed state, minus chunks deleted since. Opening and `verify()` are always exact.
+        FAISS and BM25 catch up by the difference: BM25 from a writer's newer snapshot when there
+        is one, then by indexing the chunks added since (a small segment) and marking deleted ones.
         """
-        self._sync(exact=False)
+        self._sync()
 
     # ---- snapshots ---------------------------------------------------------------------------
 
     def save(self) -> None:
-        """Write FAISS + BM25 snapshots of the current committed state, then the manifest (last)."""
+        """Write FAISS + BM25 snapshots of the current committed state, then the manifest (last).
+        A BM25 snapshot writes only the segments not on disk yet (new chunks, merges) and a list."""
         self._require_writer()
         with self._lock:
             self._sync()
-            bm25_dir = self.index_dir / f"{BM25_PREFIX}{self.gen:012d}-{self._analyzer_tag}"
+            name = f"{BM25_PREFIX}{self.gen:012d}-{self._merges:06d}-{self._analyzer_tag}"
+            bm25_dir = self.index_dir / name
             rebuilt = self._rebuild_vectors()
-            if not rebuilt and self._manifest().get("generation") == self.gen and bm25_dir.exists():
+            vectors_current = not rebuilt and self._manifest().get("generation") == self.gen
+            if vectors_current and bm25_dir.exists():
                 return  # already published (e.g. a re-ingest that changed nothing): skip the rewrite
             tag = f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            tmp = self.index_dir / f"{tag}-{FAISS_NAME}"
-            self._vectors.write(str(tmp))
-            _publish(tmp, self.index_dir / FAISS_NAME)
+            if not vectors_current:
+                tmp = self.index_dir / f"{tag}-{FAISS_NAME}"
+                self._vectors.write(str(tmp))
+                _publish(tmp, self.index_dir / FAISS_NAME)
             if not bm25_dir.exists():
-                tmp = self.index_dir / f"{tag}-bm25"
-                tmp.mkdir()
-                if self._bm25 is not None:
-                    self._bm25.save(tmp, show_progress=False)
-                np.save(tmp / "chunk_ids.npy", self._bm25_ids)
-                (tmp / ANALYZER_FILE).write_text(self.analyzer.name)
-                (tmp / LANGUAGES_FILE).write_text(json.dumps(self._bm25_langs))
-                try:
-                    _publish(tmp, bm25_dir)
-                except OSError:
-                    if not bm25_dir.exists():
-                        raise
-                    shutil.rmtree(tmp)  # another writer published this generation first
+                self._publish_bm25(tag, bm25_dir)
             manifest = {
                 "generation": self.gen,
                 "chunks": self._vectors.ntotal,
                 "faiss": FAISS_NAME,
                 "vectors": self._vectors_facts(),
                 "bm25": bm25_dir.name,
+                "bm25_segments": len(self._bm25.segments),
                 "analyzer": self.analyzer.name,
                 "embedding_model": self.embedding_model,
                 "dim": self.dim,
@@ -461,8 +488,46 @@ class Store:
             tmp = self.index_dir / f"{tag}-{MANIFEST_NAME}"
             tmp.write_text(json.dumps(manifest, indent=1))
             _publish(tmp, self.index_dir / MANIFEST_NAME)
-            for old in self._bm25_snapshots()[2:]:  # keep one older for readers still loading it
-                shutil.rmtree(old, ignore_errors=True)
+            self._remove_old_bm25()
+
+    def _publish_bm25(self, tag: str, bm25_dir: Path) -> None:
+        """New segments first (each under a unique name), then the snapshot that lists them."""
+        (self.index_dir / SEGMENTS_DIR).mkdir(exist_ok=True)
+        for seg in self._bm25.segments:
+            if seg.name is None:
+                name = f"seg-{self.gen:012d}-{uuid.uuid4().hex[:8]}"
+                tmp = self.index_dir / f"{tag}-{name}"
+                seg.save(tmp)
+                _publish(tmp, self.index_dir / SEGMENTS_DIR / name)
+                seg.name = name
+        tmp = self.index_dir / f"{tag}-bm25"
+        tmp.mkdir()
+        (tmp / SEGMENTS_FILE).write_text(json.dumps([seg.name for seg in self._bm25.segments]))
+        np.save(tmp / DELETED_FILE, self._bm25.dead_ids())
+        np.save(tmp / "chunk_ids.npy", self._bm25.alive_ids())
+        (tmp / ANALYZER_FILE).write_text(self.analyzer.name)
+        (tmp / LANGUAGES_FILE).write_text(json.dumps(self._bm25.languages()))
+        try:
+            _publish(tmp, bm25_dir)
+        except OSError:
+            if not bm25_dir.exists():
+                raise
+            shutil.rmtree(tmp)  # another writer published this generation first
+
+    def _remove_old_bm25(self) -> None:
+        """Keep the two newest snapshots (one for readers still loading it) and the segments they
+        or this Store use; a reader that loses a race here falls back to indexing from SQLite."""
+        keep = {seg.name for seg in self._bm25.segments}
+        for i, snap in enumerate(self._bm25_snapshots()):
+            if i >= 2:
+                shutil.rmtree(snap, ignore_errors=True)
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                keep.update(json.loads((snap / SEGMENTS_FILE).read_text()))
+        with contextlib.suppress(OSError):
+            for seg_dir in (self.index_dir / SEGMENTS_DIR).iterdir():
+                if seg_dir.name not in keep:
+                    shutil.rmtree(seg_dir, ignore_errors=True)
 
     def _remove_dead_temps(self) -> None:
         for tmp in self.index_dir.glob(TMP_PREFIX + "*"):
@@ -496,7 +561,7 @@ class Store:
             if gen == self.gen:
                 self.gen = gen + 1
             else:  # another process wrote since our last look: a full diff catches both
-                self._sync(exact=False)
+                self._sync()
             return doc_id
 
     def _record(self, doc_id: int) -> DocRecord:
@@ -663,20 +728,7 @@ class Store:
         with self._lock:
             if not self.readonly and self._bm25_gen != self.gen:  # stale after our own writes
                 self._sync()
-            if self._bm25 is None or k <= 0:
-                return []
-            vocab = self._bm25.vocab_dict
-            tok_ids = [vocab[t] for t in self.analyzer.query(query, self._bm25_langs) if t in vocab]
-            if not tok_ids:
-                return []
-            scores = self._bm25.get_scores_from_ids(tok_ids)
-            if self._bm25_alive is not None:
-                scores = np.where(self._bm25_alive, scores, 0.0)
-            ids = self._bm25_ids
-        k = min(k, len(scores))
-        top = np.argpartition(-scores, k - 1)[:k]
-        top = top[np.argsort(-scores[top], kind="stable")]
-        return [(int(ids[i]), float(scores[i])) for i in top if scores[i] > 0]
+            return self._bm25.search(self.analyzer.query(query, self._bm25.languages()), k)
 
     @contextlib.contextmanager
     def pinned(self) -> Iterator[None]:
@@ -727,9 +779,10 @@ class Store:
             "dim": self.dim,
             "generation": gen,
             "snapshot_generation": self._manifest().get("generation"),
-            "bm25_generation": self._bm25_gen,  # < generation while refresh() puts off a rebuild
+            "bm25_generation": self._bm25_gen,
+            "bm25_segments": len(self._bm25.segments),
             "analyzer": self.analyzer.name,
-            "languages": dict(sorted(self._bm25_langs.items(), key=lambda kv: -kv[1])),
+            "languages": dict(sorted(self._bm25.languages().items(), key=lambda kv: -kv[1])),
             "vector_index": self._vectors.kind,
             "vector_nlist": self._vectors.nlist,
             "vector_bytes_per_vector": self._vectors.bytes_per_vector(),
@@ -747,7 +800,7 @@ class Store:
                     raise StoreError("index changed during verify(); run it again")
                 if not np.array_equal(faiss_ids, ids):
                     raise StoreError(f"FAISS has {len(faiss_ids)} ids, SQLite {len(ids)}: not the same set")
-                if not np.array_equal(self._bm25_ids, ids):
+                if not np.array_equal(self._bm25.alive_ids(), ids):
                     raise StoreError("BM25 does not cover exactly the SQLite chunks")
                 for part_ids, vecs in self._all_vectors():  # IVF holds codes: compare with their decoding
                     stored = self._vectors.reconstruct_batch(part_ids)
@@ -763,7 +816,9 @@ class Store:
                     raise StoreError(f"documents with a wrong n_chunks: {[b[0] for b in bad]}")
 
     def close(self) -> None:
+        """A merge still running is dropped (its segments are only ever added by a commit)."""
         with self._lock:
+            self._closed = True
             self._db.close()
 
     def __enter__(self) -> Store:

@@ -398,6 +398,7 @@ def ingest(
         job.flush()
         if prune:
             job.prune(roots)
+        store.wait_for_merges()  # so the final snapshot holds merged BM25 segments
         store.save()
     job.report.seconds = time.perf_counter() - t0
     return job.report
