@@ -32,6 +32,7 @@ K1, B = 1.5, 0.75  # bm25s's defaults
 MERGE_FACTOR = 8  # this many segments of one size tier are merged into one (log-structured)
 MIN_TIER_ROWS = 1024  # segments below this size share the lowest tier
 MAX_DEAD_SHARE = 0.3  # a segment with more dead rows than this is rewritten without them
+CACHE_POSTINGS = 20_000_000  # per segment: term scores kept for repeated terms (80 MB)
 # the files of a segment's directory
 IDS, LENGTHS, LANGS, TF = "ids.npy", "lengths.npy", "langs.npy", "tf.npz"
 TERMS, LANGUAGES = "terms.json", "languages.json"
@@ -57,7 +58,11 @@ class Segment:
         self.name = name  # the directory it was published as; None while only in memory
         self.column = {t: i for i, t in enumerate(terms)}
         self.alive = np.ones(len(ids), dtype=bool)
+        self.dead_rows = np.zeros(0, dtype=np.int64)
         self.df = np.diff(tf.indptr).astype(np.int64)
+        self._scored: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._scored_stats: object = None
+        self._scored_postings = 0
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -72,6 +77,7 @@ class Segment:
         if not hit.any():
             return
         self.alive &= ~hit
+        self.dead_rows = np.flatnonzero(~self.alive)
         live_postings = np.cumsum(self.alive[self.tf.indices], dtype=np.int64)
         ends = np.concatenate([[0], live_postings])[self.tf.indptr]
         self.df = np.diff(ends)
@@ -81,6 +87,22 @@ class Segment:
         other = Segment(self.ids, self.terms, self.tf, self.lengths, self.langs, self.languages, self.name)
         other.kill(dead)
         return other
+
+    def term_scores(self, col: int, idf: float, avgdl: float, stats: object) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, idf * tf / (tf + k1 * (1 - b + b * |d| / avgdl))) over one term's postings. Kept
+        while the global statistics are the same (`stats`: until the next write), so a repeated
+        term costs what it costs bm25s, whose index stores exactly these numbers."""
+        if stats is not self._scored_stats or self._scored_postings > CACHE_POSTINGS:
+            self._scored, self._scored_stats, self._scored_postings = {}, stats, 0
+        hit = self._scored.get(col)
+        if hit is None:
+            lo, hi = self.tf.indptr[col], self.tf.indptr[col + 1]
+            rows, tf = self.tf.indices[lo:hi], self.tf.data[lo:hi]
+            norm = np.float32(K1) * (np.float32(1 - B) + np.float32(B / avgdl) * self.lengths[rows])
+            hit = rows, np.float32(idf) * tf / (tf + norm)
+            self._scored[col] = hit
+            self._scored_postings += len(rows)
+        return hit
 
     def save(self, path: Path) -> None:
         path.mkdir(parents=True)
@@ -171,6 +193,7 @@ class SegmentedBM25:
         self._alive_ids: np.ndarray | None = None
         self._languages: dict[str, int] | None = None
         self._live_rows_tokens: tuple[int, float] | None = None
+        self._stats = object()  # identifies these statistics in the segments' score caches
 
     def alive_ids(self) -> np.ndarray:
         """Sorted ids of the live chunks."""
@@ -228,28 +251,28 @@ class SegmentedBM25:
                 idf[t] = math.log(1 + (n_live - df + 0.5) / (df + 0.5))
         found: list[tuple[int, float]] = []
         for seg in self.segments:
-            scores = self._segment_scores(seg, idf, avgdl)
+            scores = self._segment_scores(seg, idf, avgdl, self._stats)
             if scores is None:
                 continue
-            scores[~seg.alive] = 0.0
+            scores[seg.dead_rows] = 0.0
             top = np.argpartition(-scores, min(k, len(scores)) - 1)[:k]
             found.extend((int(seg.ids[i]), float(scores[i])) for i in top if scores[i] > 0)
         found.sort(key=lambda hit: (-hit[1], hit[0]))
         return found[:k]
 
     @staticmethod
-    def _segment_scores(seg: Segment, idf: dict[str, float], avgdl: float) -> np.ndarray | None:
+    def _segment_scores(
+        seg: Segment, idf: dict[str, float], avgdl: float, stats: object
+    ) -> np.ndarray | None:
         scores = None
         for term, weight in idf.items():
             col = seg.column.get(term)
             if col is None:
                 continue
-            lo, hi = seg.tf.indptr[col], seg.tf.indptr[col + 1]
-            rows, tf = seg.tf.indices[lo:hi], seg.tf.data[lo:hi].astype(np.float64)
-            norm = K1 * (1 - B + B * seg.lengths[rows] / avgdl)
+            rows, term_scores = seg.term_scores(col, weight, avgdl, stats)
             if scores is None:
-                scores = np.zeros(len(seg))
-            scores[rows] += weight * tf / (tf + norm)  # a column lists each row once
+                scores = np.zeros(len(seg), dtype=np.float32)
+            np.add.at(scores, rows, term_scores)
         return scores
 
     def merge_plan(self) -> list[Segment]:
