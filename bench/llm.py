@@ -28,7 +28,8 @@ from torch import Tensor
 from bench.scaling import SmallRun, bench_data, train_small
 from rag.llm.cache import KVCache
 from rag.llm.generate import CompiledDecoder
-from rag.llm.model import GPT, ModelConfig
+from rag.llm.local import attend_local, local_plan
+from rag.llm.model import GPT, ModelConfig, attend
 
 KV_CONTEXTS = (128, 512, 1024)
 WINDOW_POSITIONS = (512, 4096)
@@ -370,6 +371,156 @@ def windowed_training(
 
 
 # ---------------------------------------------------------------------------------------------
+# The attention op alone at T=4096: fused causal vs block-local window vs dense masked window
+
+ATTENTION_KINDS = ("full", "block-local", "dense masked")
+PEAK_MEMORY = {
+    "cpu": "peak bytes live in torch's CPU allocator during fwd + bwd (torch.profiler memory events), "
+    "above those live before it",
+    "cuda": "torch.cuda.max_memory_allocated during fwd + bwd, above the bytes allocated before it",
+}
+AttentionOp = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def attention_ops(config: ModelConfig, seq_len: int, window_size: int, device: torch.device):
+    """{kind: (op(q, k, v) -> y, () -> bytes of the masks the op reads, which a forward makes once
+    for all layers)}: full attention's fused causal SDPA (no mask); the sliding window by blocks
+    (rag.llm.local: its plan); the same window as one SDPA over the dense (T, T) mask, the path
+    block-local replaced and what attention costs where no fused kernel takes the mask."""
+    window = replace(
+        config, block_size=max(config.block_size, seq_len), window="sliding", window_size=window_size
+    )
+    masks = GPT(replace(window, n_layer=1, vocab_size=8)).to(device)._mask  # positions' bias, if any
+    pos = torch.arange(seq_len, device=device)[None]
+    plan = local_plan(pos, window, lambda q, k: masks(q, k, False, None))
+    dense = masks(pos, pos, False, None)
+    ops = {
+        "full": (lambda q, k, v: attend(q, k, v, None, 0.0, False)[0], lambda: 0),
+        # the bool block mask and the additive one the first layer makes for SDPA
+        "block-local": (
+            lambda q, k, v: attend_local(q, k, v, plan, 0.0),
+            lambda: _nbytes(plan.mask, *plan._sdpa_masks.values()),
+        ),
+        "dense masked": (lambda q, k, v: attend(q, k, v, dense, 0.0, False)[0], lambda: _nbytes(dense)),
+    }
+    return {kind: ops[kind] for kind in ATTENTION_KINDS}
+
+
+def _nbytes(*tensors: Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _fwd_bwd(
+    op: AttentionOp, qkv: tuple[Tensor, ...], dy: Tensor, device: torch.device
+) -> tuple[float, float]:
+    """(forward ms, forward + backward ms) of one call, from no input gradients."""
+    _sync(device)
+    t0 = time.perf_counter()
+    y = op(*qkv)
+    _sync(device)
+    t1 = time.perf_counter()
+    y.backward(dy)
+    _sync(device)
+    return 1e3 * (t1 - t0), 1e3 * (time.perf_counter() - t0)
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated while fn runs, above those allocated before (`PEAK_MEMORY`)."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - start
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):  # + allocated, - freed, in order
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def attention_op_stats(
+    config: ModelConfig,
+    seq_len: int = TRAIN_SEQ_LEN,
+    window_size: int = WINDOW_SIZE,
+    batch: int = 1,
+    steps: int = 3,
+    warmup: int = 1,
+    device: str = "cpu",
+) -> dict:
+    """One attention layer's op (the model's q, k, v shapes, after RoPE) forward + backward at
+    seq_len: ms (median; the kinds take turns each step, so load changes hit them alike) and peak
+    memory, for full attention (fused causal), the sliding window by blocks and by a dense mask."""
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    H, n_kv, D = config.n_head, config.n_kv_head, config.head_dim
+    shapes = ((batch, H, seq_len, D), (batch, n_kv, seq_len, D), (batch, n_kv, seq_len, D))
+    qkv = tuple(torch.randn(s, generator=gen).to(dev).requires_grad_() for s in shapes)
+    dy = torch.randn(shapes[0], generator=gen).to(dev)
+    ops = attention_ops(config, seq_len, window_size, dev)
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in ops}
+    for _ in range(warmup + steps):
+        for kind, (op, _) in ops.items():
+            _no_grads(qkv)
+            times[kind].append(_fwd_bwd(op, qkv, dy, dev))
+    floor = _nbytes(dy, *qkv)  # the output and the inputs' gradients, which every kind holds
+    rows = []
+    for kind, (op, masks) in ops.items():
+        _no_grads(qkv)
+        peak = peak_bytes(lambda op=op: _fwd_bwd(op, qkv, dy, dev), dev)
+        fwd, both = (statistics.median(t[i] for t in times[kind][warmup:]) for i in (0, 1))
+        rows.append(
+            {
+                "attention": kind,
+                "fwd_ms": fwd,
+                "fwd_bwd_ms": both,
+                "peak_mb": peak / 2**20,
+                "above_floor_mb": (peak - floor) / 2**20,
+                "mask_mb": masks() / 2**20,
+            }
+        )
+    with torch.no_grad():  # the window two ways: the same numbers
+        diff = (ops["block-local"][0](*qkv) - ops["dense masked"][0](*qkv)).abs().max().item()
+    return {
+        "seq_len": seq_len,
+        "window_size": window_size,
+        "batch": batch,
+        "device": device,
+        "rows": rows,
+        "max_abs_diff_block_local_vs_dense_masked": diff,
+    }
+
+
+def _no_grads(tensors: tuple[Tensor, ...]) -> None:
+    for t in tensors:
+        t.grad = None
+
+
+def attention_op(config: ModelConfig, device: str = "cpu", **kwargs) -> dict:
+    """`attention_op_stats` with the ratios of full and dense masked to block-local, and what was measured."""
+    out = attention_op_stats(config, device=device, **kwargs)
+    by = {r["attention"]: r for r in out["rows"]}
+    local = by["block-local"]
+    for kind in ("full", "dense masked"):
+        key = kind.replace(" ", "_")
+        out[f"speedup_vs_{key}"] = by[kind]["fwd_bwd_ms"] / local["fwd_bwd_ms"]
+        out[f"memory_ratio_vs_{key}"] = by[kind]["peak_mb"] / local["peak_mb"]
+        out[f"working_memory_ratio_vs_{key}"] = by[kind]["above_floor_mb"] / max(
+            local["above_floor_mb"], 1e-9
+        )
+    out["memory"] = PEAK_MEMORY["cuda" if device.startswith("cuda") else "cpu"]
+    out["floor"] = "above_floor_mb: peak_mb less the output and the q, k, v gradients (held by every kind)"
+    out["mask"] = "mask_mb: masks a forward makes once for all layers (not in peak_mb)"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # The command
 
 
@@ -394,6 +545,10 @@ def run_llm_bench(
     progress(f"CPU: training step at T={TRAIN_SEQ_LEN}, full vs sliding {WINDOW_SIZE} ...")
     result["window_training"] = windowed_training(config)
     result["train_step_ms"] = {r["attention"]: r["train_step_ms"] for r in result["window_training"]["rows"]}
+    progress(
+        f"CPU: attention op at T={TRAIN_SEQ_LEN}, full vs sliding {WINDOW_SIZE} by blocks / dense mask ..."
+    )
+    result["attention_op"] = attention_op(config)
     progress("CPU: decoding, eager vs compiled static cache (fp32) ...")
     result["cpu_decode"] = compiled_decoding(config, "cpu", torch.float32, new_tokens=4 * new_tokens)
     if torch.cuda.is_available():
@@ -403,9 +558,12 @@ def run_llm_bench(
         result["cuda_decode"] = compiled_decoding(config, "cuda")
         progress(f"CUDA: training step at T={TRAIN_SEQ_LEN}, full vs sliding {WINDOW_SIZE} ...")
         result["cuda_window_training"] = windowed_training(config, device="cuda")
+        progress(f"CUDA: attention op at T={TRAIN_SEQ_LEN} ...")
+        result["cuda_attention_op"] = attention_op(config, device="cuda")
     else:
         skipped = {"skipped": "no CUDA"}
         result["cuda_training"] = result["cuda_decode"] = result["cuda_window_training"] = skipped
+        result["cuda_attention_op"] = skipped
     return result
 
 

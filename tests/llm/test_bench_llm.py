@@ -18,10 +18,13 @@ from typer.testing import CliRunner
 
 from bench.cli import app
 from bench.llm import (
+    ATTENTION_KINDS,
+    attention_op,
     compiled_decoding,
     decode_ms,
     kv_cache_speedup,
     new_model,
+    peak_bytes,
     perplexity,
     training_throughput,
     window_scaling,
@@ -222,3 +225,43 @@ def test_windowed_training_rows_compare_full_and_sliding_on_one_model():
     assert all(r["train_step_ms"] > 0 for r in out["rows"])
     assert out["speedup"] == pytest.approx(out["rows"][0]["train_step_ms"] / out["rows"][1]["train_step_ms"])
     assert all(r["step_peak_mb"] > 0 for r in out["rows"])  # a step allocates; sizes are for the bench
+
+
+def test_peak_bytes_counts_what_is_live_at_once_on_the_cpu():
+    """The CPU peak is read from the profiler's allocation events: two tensors alive together count
+    together, one freed before the next does not, and what was allocated before does not count."""
+    before = torch.empty(2**20)  # 4 MiB live already
+
+    def together():
+        a, b = torch.empty(2**18), torch.empty(2**19)  # 1 + 2 MiB
+        return a.numel() + b.numel()
+
+    def one_after_the_other():
+        for n in (2**18, 2**19):
+            torch.empty(n)
+
+    assert peak_bytes(together, torch.device("cpu")) == 3 * 2**20
+    assert peak_bytes(one_after_the_other, torch.device("cpu")) == 2 * 2**20
+    assert before.numel() == 2**20
+
+
+def test_attention_op_rows_time_and_measure_the_three_kinds_on_one_input():
+    """A miniature of the T=4096 attention-only rows: fused full, block-local and dense-masked
+    sliding window; the two window paths give the same output, and the ratios are the rows'."""
+    cfg = ModelConfig(vocab_size=64, block_size=64, n_layer=1, n_head=4, n_kv_head=2, d_model=64)
+    out = attention_op(cfg, seq_len=256, window_size=16, steps=1)
+    rows = {r["attention"]: r for r in out["rows"]}
+    assert list(rows) == list(ATTENTION_KINDS) == ["full", "block-local", "dense masked"]
+    assert out["max_abs_diff_block_local_vs_dense_masked"] < 1e-5
+    floor = (2 * 4 + 2 * 2) * 256 * 16 * 4 / 2**20  # output and q, k, v gradients, fp32
+    for r in rows.values():
+        assert 0 < r["fwd_ms"] < r["fwd_bwd_ms"]
+        assert r["peak_mb"] >= floor and r["above_floor_mb"] == pytest.approx(r["peak_mb"] - floor)
+    assert rows["full"]["mask_mb"] == 0 and rows["dense masked"]["mask_mb"] == 256 * 256 / 2**20  # bool
+    assert rows["block-local"]["mask_mb"] > 0
+    local = rows["block-local"]
+    assert out["speedup_vs_full"] == pytest.approx(rows["full"]["fwd_bwd_ms"] / local["fwd_bwd_ms"])
+    assert out["memory_ratio_vs_dense_masked"] == pytest.approx(
+        rows["dense masked"]["peak_mb"] / local["peak_mb"]
+    )
+    assert "profiler" in out["memory"]
