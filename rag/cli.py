@@ -736,6 +736,62 @@ def eval_reader_cmd(
         )
 
 
+PAIR_METRICS = (
+    "f1",
+    "em",
+    "citation_precision",
+    "gold_citation_rate",
+    "citation_support",
+    "invalid_citation_rate",
+)
+
+
+@eval_app.command("pairs")
+@user_errors
+def eval_pairs_cmd(
+    pairs: Annotated[Path, typer.Option("--pairs", help="Held-out pairs from `rag train pairs`.")],
+    models: Annotated[
+        list[Path] | None,
+        typer.Option("--model", help="Policy checkpoint (repeatable: SFT, DPO, PPO side by side)."),
+    ] = None,
+    reward: Annotated[
+        Path | None, typer.Option("--reward", help="A `rag train reward` folder: pairwise accuracy per kind.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="The first N pairs.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Answer room.")] = 32,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Prompts decoded together.")
+    ] = DEFAULT_BATCH_SIZE,
+    as_json: JsonOpt = False,
+) -> None:
+    """Policies' greedy answers to the pairs' prompts (F1, citation precision and support) and a
+    reward model's pairwise accuracy: the measures of the citation preference task (issue 12)."""
+    from rag.preference_data import evaluate_baseline, evaluate_policy, read_pairs, reward_accuracy
+
+    if not models and reward is None:
+        raise ValueError("give --model (a policy, repeatable) and/or --reward (a reward model)")
+    held_out = read_pairs(pairs, limit)
+    result: dict[str, Any] = {"pairs": str(pairs), "examples": len(held_out)}
+    if reward is not None:
+        result["reward_accuracy"] = reward_accuracy(reward, held_out)
+    result["policies"] = {
+        str(m): evaluate_policy(m, held_out, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        for m in models or []
+    }
+    result["policies"]["word-overlap baseline"] = evaluate_baseline(held_out)
+    if as_json:
+        return emit_json(result)
+    if reward is not None:
+        accuracy = ", ".join(f"{k} {v:.3f}" for k, v in result["reward_accuracy"].items())
+        console.print(f"reward model {reward}: pairwise accuracy {accuracy}", highlight=False)
+    policies = result["policies"]
+    table = Table("metric", *(Path(n).name for n in policies), title=f"{len(held_out)} prompts of {pairs}")
+    for k in PAIR_METRICS:
+        table.add_row(k, *("n/a" if m[k] is None else f"{m[k]:.3f}" for m in policies.values()))
+    console.print(table)
+    return None
+
+
 KnnModel = Annotated[
     Path, typer.Option("--model", help="LM checkpoint folder whose hidden states are the keys.")
 ]

@@ -1,4 +1,5 @@
-"""`rag train ...`: tokenizer, prepare (corpus -> token files), lm (pretraining), sft, dpo, reward, ppo.
+"""`rag train ...`: tokenizer, prepare (corpus -> token files), lm (pretraining), sft, dpo, reward, ppo,
+and the data commands reader-data, span-data and pairs (citation preference pairs).
 
 Thin wrappers over rag.llm.{tokenizer,data,train,align}. Every training command also runs under
 `torchrun --nproc_per_node=N -m rag.llm.cli <command> ...`: DDP, or FSDP with --parallel fsdp.
@@ -19,6 +20,7 @@ from rich.console import Console
 
 from rag.llm.checkpoint import CheckpointError
 from rag.llm.data import DataError, prepare_corpus, resolve_corpus
+from rag.preference_data import DEFAULT_CHUNK_WORDS, DEFAULT_PAIR_SOURCES
 from rag.reader_data import DEFAULT_ABSTAIN, DEFAULT_MAX_TOKENS, DEFAULT_SOURCES
 
 app = typer.Typer(no_args_is_help=True)
@@ -263,6 +265,33 @@ _align_command(
 )
 
 
+def _prompt_budget(
+    model: Path | None, max_new_tokens: int | None, tokenizer_path: Path | None, max_tokens: int | None
+):
+    """(tokenizer, prompt budget) of --model (its context minus the answer room), else of --tokenizer
+    and --max-tokens: reader rows and preference pairs are sized as `rag ask` sizes prompts."""
+    from rag.llm.tokenizer import Tokenizer
+    from rag.reader_data import load_reader
+
+    if model is not None:
+        if tokenizer_path is not None or max_tokens is not None:
+            raise ValueError(
+                "--model sets the tokenizer and the prompt budget: drop --tokenizer / --max-tokens"
+            )
+        reader, max_tokens = load_reader(model, "cpu", max_new_tokens)
+        return reader.tokenizer, max_tokens
+    if tokenizer_path is None:
+        raise ValueError(
+            "give --model DIR (a checkpoint: its tokenizer and context size the prompts) "
+            "or --tokenizer PATH (with --max-tokens)"
+        )
+    if max_new_tokens is not None:
+        raise ValueError(
+            "--max-new-tokens needs --model; without one, set the prompt budget with --max-tokens"
+        )
+    return Tokenizer.load(tokenizer_path), max_tokens or DEFAULT_MAX_TOKENS
+
+
 @app.command("reader-data")
 @_friendly
 def reader_data(
@@ -304,27 +333,9 @@ def reader_data(
     seed: Annotated[int, typer.Option(help="Seed of distractors, positions, abstention, sample.")] = 0,
 ) -> None:
     """Reader SFT rows from SQuAD: numbered sources (gold + distractors) -> cited answer or abstention."""
-    from rag.llm.tokenizer import Tokenizer
-    from rag.reader_data import load_reader, write_reader_data
+    from rag.reader_data import write_reader_data
 
-    if model is not None:
-        if tokenizer_path is not None or max_tokens is not None:
-            raise ValueError(
-                "--model sets the tokenizer and the prompt budget: drop --tokenizer / --max-tokens"
-            )
-        reader, max_tokens = load_reader(model, "cpu", max_new_tokens)
-        tokenizer = reader.tokenizer
-    elif tokenizer_path is None:
-        raise ValueError(
-            "give --model DIR (a checkpoint: its tokenizer and context size the prompts) "
-            "or --tokenizer PATH (with --max-tokens)"
-        )
-    elif max_new_tokens is not None:
-        raise ValueError(
-            "--max-new-tokens needs --model; without one, set the prompt budget with --max-tokens"
-        )
-    else:
-        tokenizer, max_tokens = Tokenizer.load(tokenizer_path), max_tokens or DEFAULT_MAX_TOKENS
+    tokenizer, max_tokens = _prompt_budget(model, max_new_tokens, tokenizer_path, max_tokens)
     stats = write_reader_data(
         squad,
         tokenizer,
@@ -343,6 +354,63 @@ def reader_data(
         f"prompts of at most {max_tokens} tokens; sources per row {stats['sources']}, "
         f"gold position {stats['gold_positions']}, {stats['fewer_sources']:,} rows with fewer "
         "sources than drawn (budget)",
+        highlight=False,
+    )
+
+
+@app.command("pairs")
+@_friendly
+def pairs(
+    squad: Annotated[
+        Path, typer.Option(help="SQuAD v1.1 JSON (.json or .json.gz), e.g. train-v1.1.json.gz.")
+    ],
+    out: Annotated[
+        Path, typer.Option(help="JSONL file to write (rows for `rag train sft`, `dpo`, `reward`, `ppo`).")
+    ],
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="Checkpoint to build for: its tokenizer, and prompts of its context minus --max-new-tokens."
+        ),
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(min=1, help="With --model: answer room left out of its context.")
+    ] = None,
+    tokenizer_path: Annotated[
+        Path | None, typer.Option("--tokenizer", help="Without --model: tokenizer.json.")
+    ] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(min=16, help="Without --model: the prompt budget in tokens.")
+    ] = None,
+    sources: Annotated[
+        int,
+        typer.Option(min=2, help="Most sources per prompt; each row draws 1 to this, < 2 shown is skipped."),
+    ] = DEFAULT_PAIR_SOURCES,
+    chunk_words: Annotated[
+        int, typer.Option(min=5, help="Paragraphs are cut into chunks of whole sentences of about N words.")
+    ] = DEFAULT_CHUNK_WORDS,
+    limit: Annotated[int | None, typer.Option(min=1, help="Use a seeded sample of N questions.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of distractors, positions, rejected answers, sample.")] = 0,
+) -> None:
+    """Citation preference pairs from SQuAD: the gold span citing its source over a wrong citation/span."""
+    from rag.preference_data import write_pairs
+
+    tokenizer, max_tokens = _prompt_budget(model, max_new_tokens, tokenizer_path, max_tokens)
+    stats = write_pairs(
+        squad,
+        tokenizer,
+        out,
+        chunk_words=chunk_words,
+        max_tokens=max_tokens,
+        sources=sources,
+        limit=limit,
+        seed=seed,
+        progress=True,
+    ).to_dict()
+    console.print(
+        f"{out}: {stats['pairs']:,} pairs from {stats['questions']:,} questions, prompts of at most "
+        f"{max_tokens} tokens; rejected kinds {stats['kinds']}; sources {stats['sources']}; "
+        f"gold position {stats['gold_positions']}; skipped {stats['skipped']}",
         highlight=False,
     )
 
