@@ -101,8 +101,10 @@ def _measure_kind(
     found = [{cid for cid, _ in store.dense_search(q, k)} for q in qvecs]
     retriever = Retriever(store, embedder)
     hybrid = [_timed_ms(lambda q=q: retriever.search(q, k, mode="hybrid"))[0] for q in questions]
+    lexical = [_timed_ms(lambda q=q: store.bm25_search(q, k))[0] for q in questions]
     stats = store.stats()
     p50, p95 = np.percentile(hybrid[WARMUP:], [50, 95])
+    bm25_p50, bm25_p95 = np.percentile(lexical[WARMUP:], [50, 95])
     row = {
         "chunks": stats["chunks"],
         "kind": stats["vector_index"],
@@ -114,6 +116,9 @@ def _measure_kind(
         "bytes_per_vector": stats["vector_bytes_per_vector"],
         "hybrid_p50_ms": float(p50),
         "hybrid_p95_ms": float(p95),
+        "bm25_p50_ms": float(bm25_p50),  # Store.bm25_search alone: the segmented BM25 at this size
+        "bm25_p95_ms": float(bm25_p95),
+        "bm25_segments": stats["bm25_segments"],
     }
     return row, found, store
 

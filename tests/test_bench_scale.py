@@ -15,6 +15,7 @@ def test_bench_scale_measures_both_kinds_at_both_sizes(tmp_path, shared_data, mo
     for (_, kind), r in rows.items():
         assert 0.0 <= r["recall_at_10"] <= 1.0
         assert r["hybrid_p95_ms"] >= r["hybrid_p50_ms"] > 0 and r["build_s"] > 0 and r["rss_mb"] > 100
+        assert r["bm25_p95_ms"] >= r["bm25_p50_ms"] > 0 and r["bm25_segments"] >= 1
         if kind == "flat":
             assert r["recall_at_10"] == 1.0 and r["bytes_per_vector"] == 384 * 4 + 8 and r["nlist"] == 0
         else:
