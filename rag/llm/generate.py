@@ -297,8 +297,11 @@ def _run(
     config: GenerationConfig,
     rows: list[Completion],
     decoder: CompiledDecoder | None = None,
+    forward: Forward | None = None,
 ) -> Iterator[tuple[int, str]]:
     """The engine: yields (row, text piece) as text becomes final; appends a Completion per prompt to rows."""
+    if decoder is not None and forward is not None:
+        raise ValueError("a custom forward step decodes eagerly: pass either decoder or forward")
     if decoder is not None and decoder.model is not model:
         raise ValueError("the CompiledDecoder was built for another model")
     ids = [_prompt_ids(tokenizer, p, model.config.vocab_size) for p in prompts]
@@ -338,7 +341,7 @@ def _run(
     slots = T + max(budgets) - 1  # every token fed, padding included
     resources = ExitStack()  # a CompiledDecoder's cache goes back to its pool when generation ends
     try:
-        eager = forward_last(model)  # prefill is always eager: prompt lengths vary
+        eager = forward or forward_last(model)  # prefill is always eager: prompt lengths vary
         if decoder is None:
             cache, decode = _new_cache(model, B, slots), eager
         else:
@@ -368,16 +371,18 @@ def generate(
     prompts: Sequence[str] | Sequence[Sequence[int]],
     config: GenerationConfig | None = None,
     decoder: CompiledDecoder | None = None,
+    forward: Forward | None = None,
 ) -> list[GenerationResult]:
     """Complete each prompt (text, or token ids used as given); one batched pass, rows stop independently.
 
     decoder: a CompiledDecoder of this model for compiled decode steps (same tokens as eager).
+    forward: another step of this model, e.g. `rag.llm.knnlm.knn_forward` (kNN-LM interpolation).
     """
     config = config or GenerationConfig()
     if isinstance(prompts, str):
         raise TypeError("generate takes a list of prompts; use [prompt] for one")
     rows: list[Completion] = []
-    for _ in _run(model, tokenizer, prompts, config, rows, decoder):
+    for _ in _run(model, tokenizer, prompts, config, rows, decoder, forward):
         pass
     return [row.result() for row in rows]
 
@@ -388,6 +393,7 @@ def stream(
     prompt: str | Sequence[int],
     config: GenerationConfig | None = None,
     decoder: CompiledDecoder | None = None,
+    forward: Forward | None = None,
 ) -> Generator[str, None, GenerationResult]:
     """Yield text pieces as they become final: never half a character, never part of a stop string.
 
@@ -395,6 +401,6 @@ def stream(
     result (ids, finish_reason) is the generator's return value: `result = yield from stream(...)`.
     """
     rows: list[Completion] = []
-    for _, piece in _run(model, tokenizer, [prompt], config or GenerationConfig(), rows, decoder):
+    for _, piece in _run(model, tokenizer, [prompt], config or GenerationConfig(), rows, decoder, forward):
         yield piece
     return rows[0].result()

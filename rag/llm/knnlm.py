@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from rag.llm.cache import KVCache
 from rag.llm.checkpoint import WEIGHTS_FILE, load_checkpoint
+from rag.llm.generate import Forward
 from rag.llm.model import GPT
 
 DIR_NAME = "knnlm"
@@ -294,12 +296,24 @@ def evaluate_knnlm(index_dir: Path, model_dir: Path, seed: int = 0, held_out: fl
     }
 
 
+def knn_forward(model: GPT, store: Datastore, k: int, temperature: float, lam: float) -> Forward:
+    """A step for the generation engine (`generate(..., forward=...)`): the model's step through the
+    KV cache, its last hidden state looked up in the datastore, and the interpolated log-probs
+    returned in place of logits (sampling from them samples p; greedy takes its argmax)."""
+    vocab = model.config.vocab_size
+
+    def forward(idx: Tensor, cache: KVCache | None, pad_mask: Tensor | None) -> Tensor:
+        out = model(idx, cache=cache, pad_mask=pad_mask, last_only=True)
+        dist, tokens = store.search(out.hidden[:, -1].float(), k)
+        lm = F.log_softmax(out.logits[:, -1].float(), -1)
+        return interpolate(lm, knn_probs(dist, tokens, temperature, vocab), lam)[:, None]
+
+    return forward
+
+
 @torch.no_grad()
 def next_token_logprobs(
     model: GPT, store: Datastore, idx: Tensor, k: int, temperature: float, lam: float
 ) -> Tensor:
-    """Generation step: interpolated log-probs (B, vocab) of the token after each row of idx."""
-    out = model(idx, last_only=True)
-    dist, tokens = store.search(out.hidden[:, -1].float(), k)
-    p_knn = knn_probs(dist, tokens, temperature, model.config.vocab_size)
-    return interpolate(F.log_softmax(out.logits[:, -1].float(), -1), p_knn, lam)
+    """Interpolated log-probs (B, vocab) of the token after each row of idx (no cache)."""
+    return knn_forward(model, store, k, temperature, lam)(idx, None, None)[:, -1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
@@ -13,11 +14,13 @@ from rag.cli import app as rag_app
 from rag.config import Settings
 from rag.ingest.job import ingest
 from rag.llm import checkpoint as ckpt
+from rag.llm.generate import GenerationConfig, generate
 from rag.llm.knnlm import (
     DIR_NAME,
     Datastore,
     encode_text,
     interpolate,
+    knn_forward,
     knn_probs,
     next_token_logprobs,
     read_chunks,
@@ -101,3 +104,24 @@ def test_datastore_follows_the_index_and_lowers_perplexity(tmp_path, tokenizer, 
     assert report["chunks"]["test"] > 0 and report["datastore_entries"] > 0
     assert report["valid_ppl_knnlm"] <= report["valid_ppl_lm"]
     assert math.isfinite(report["test_ppl_knnlm"]) and report["knn_search_ms_per_token"] > 0
+
+
+def test_generation_with_the_datastore_recites_what_it_holds(tokenizer):  # noqa: F811
+    """The engine's step through the KV cache queries the datastore: with lambda 1 and k 1 greedy
+    decoding follows the stored text (its contexts are found at distance ~0); the LM alone does not."""
+    torch.manual_seed(0)
+    cfg = {**ModelConfig.preset("tiny").to_dict(), "block_size": 128, "vocab_size": tokenizer.vocab_size}
+    model = GPT(ModelConfig.from_dict(cfg)).eval()
+    text = sentences(7, 8)
+    keys, _, next_tokens = encode_text(model, tokenizer, text)
+    store = Datastore.empty(keys.shape[1], "test")
+    store.add(keys.numpy(), next_tokens.numpy(), chunk_id=1)
+    ids = tokenizer.encode(text, add_bos=True)
+    config = GenerationConfig(max_new_tokens=24, stop_at_eos=False)
+    recited = generate(model, tokenizer, [ids[:8]], config, forward=knn_forward(model, store, 1, 1.0, 1.0))
+    assert recited[0].token_ids == ids[8:32]
+    assert generate(model, tokenizer, [ids[:8]], config)[0].token_ids != ids[8:32]
+    with pytest.raises(ValueError, match="either decoder or forward"):
+        generate(
+            model, tokenizer, [ids[:8]], config, decoder=object(), forward=knn_forward(model, store, 1, 1, 1)
+        )
