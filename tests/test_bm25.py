@@ -3,6 +3,7 @@ segments, tombstones and merges; bm25s itself is the reference for one index."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import bm25s
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from rag.bm25 import MERGE_FACTOR, Segment, SegmentedBM25, build_segment, merge_segments
-from rag.store import SEGMENTS_DIR, FileMeta, Store
+from rag.store import MANIFEST_NAME, SEGMENTS_DIR, FileMeta, Store
 from rag.types import Chunk
 
 WORDS = [f"w{i}" for i in range(300)]
@@ -168,3 +169,31 @@ def test_unreferenced_segments_are_removed(tmp_path):
         on_disk = {p.name for p in (tmp_path / "index" / SEGMENTS_DIR).iterdir()}
         # the two newest snapshots: the merged segment + the last one; the 4 small ones are gone
         assert on_disk == {seg.name for seg in store._bm25.segments} and len(on_disk) == 2
+
+
+def test_index_from_before_segments_is_migrated(tmp_path):
+    """An index whose BM25 snapshot is a bm25s directory (no segment list): a reader indexes the
+    chunks from SQLite in memory, a writer opening it saves the segmented snapshot."""
+    docs = corpus(20, seed=6)
+    index = tmp_path / "index"
+    with Store(index, "test-model", DIM) as store:
+        put_docs(store, docs, "d")
+        store.save()
+        want = store.bm25_search("w0 w5", 10)
+    manifest = json.loads((index / MANIFEST_NAME).read_text())
+    for snap in index.glob("bm25-*"):  # what the bm25s-based Store left: no segments.json
+        shutil.rmtree(snap)
+    shutil.rmtree(index / SEGMENTS_DIR)
+    old = index / "bm25-000000000020-c30ce3c4"
+    old.mkdir()
+    (old / "params.index.json").write_text("{}")
+    del manifest["bm25_segments"]
+    manifest["bm25"] = old.name
+    (index / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with Store(index, readonly=True) as reader:
+        assert reader.bm25_search("w0 w5", 10) == want
+        assert not any(seg.name for seg in reader._bm25.segments)  # built in memory, nothing written
+    with Store(index, "test-model", DIM) as writer:
+        assert writer.bm25_search("w0 w5", 10) == want
+    manifest = json.loads((index / MANIFEST_NAME).read_text())
+    assert manifest["bm25_segments"] == 1 and (index / manifest["bm25"] / "segments.json").is_file()
