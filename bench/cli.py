@@ -242,3 +242,21 @@ def api_cmd(
         index, model, chunks, search_clients, searches, answer_clients, answers, progress=console.print
     )
     _show("API under load", result, as_json)
+
+
+@app.command("embed")
+def embed_cmd(
+    passages: int = typer.Option(192, min=1, help="Gutenberg passages, embedded in batches (ingest path)."),
+    words: int = typer.Option(120, min=10, help="Words per passage."),
+    queries: int = typer.Option(192, min=1, help="SQuAD dev questions, embedded one at a time (query path)."),
+    rounds: int = typer.Option(2, min=1, help="Rounds over all backends, order alternating."),
+    threads: int = typer.Option(1, min=1, help="Torch and ONNX Runtime threads."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON value instead of tables."),
+) -> None:
+    """Embedding texts/s: sentence-transformers vs ONNX Runtime variants (plain, fused, int8) on the
+    same texts, ratios to torch in the same run and each variant's minimum cosine to torch."""
+    from bench.embed import run
+
+    _show(
+        "Embedding throughput: torch vs ONNX Runtime", run(passages, words, queries, rounds, threads), as_json
+    )

@@ -6,8 +6,11 @@ Normalized vectors make inner product == cosine, which is what the FAISS index i
 The `onnx` backend runs the same weights in ONNX Runtime: the model is exported here, once, into
 `onnx_cache_dir` (never downloaded), with mean pooling inside the graph; sentence-transformers
 still tokenizes, so the vectors match its own (cosine >= 0.99, tests/test_embed_onnx.py).
-int8 dynamic quantization (onnxruntime.quantization.quantize_dynamic, all MatMuls) was tried and
-left out: cosine to sentence-transformers fell to 0.78-0.98 on the test texts, below the 0.99 bar.
+Faster variants were measured (`rag bench embed`, docs/benchmarks.md) and left out: ORT's
+transformer fusions (Attention, SkipLayerNorm) run no faster than this graph, which ORT already
+fuses in part at load; int8 dynamic quantization of the encoder's MatMuls (per-channel int8
+weights) is 1.4x faster on batches but its minimum cosine to sentence-transformers is 0.988;
+blockwise 8-bit weights keep cosine >= 0.999 but run slower than fp32.
 """
 
 from __future__ import annotations
@@ -103,8 +106,26 @@ def onnx_file(st_model, model_path: str, cache_dir: Path) -> Path:
     return path
 
 
+def onnx_session(path: Path):
+    """An ONNX Runtime session on the CPU with the torch path's thread count (the same CPU share),
+    all graph optimizations (ORT fuses LayerNorm, GELU and MatMul + bias itself at load) and
+    operators run one after another."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = _torch_threads()
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 class Embedder:
-    """Texts -> unit vectors. `n_calls` / `n_texts` count work done (ingest tests assert on them)."""
+    """Texts -> unit vectors. `n_calls` / `n_texts` count work done (ingest tests assert on them).
+
+    `onnx_path` runs that ONNX file (same inputs, one pooled output) instead of the exported one:
+    `rag bench embed` times its fused and quantized variants this way.
+    """
 
     def __init__(
         self,
@@ -113,6 +134,7 @@ class Embedder:
         batch_size: int = BATCH_SIZE,
         backend: str = "torch",
         onnx_cache_dir: Path | None = None,
+        onnx_path: Path | None = None,
     ):
         from sentence_transformers import SentenceTransformer  # heavy import: only when a model is needed
         from transformers.utils import logging as hf_logging
@@ -142,18 +164,12 @@ class Embedder:
         self.backend = backend
         self._session = None
         if backend != "torch":
-            import onnxruntime
-
-            if onnx_cache_dir is None:
+            if onnx_cache_dir is None and onnx_path is None:
                 from rag.config import get_settings
 
                 onnx_cache_dir = get_settings().onnx_cache_dir
-            path = onnx_file(self.model, resolve_model(model), onnx_cache_dir)
-            options = onnxruntime.SessionOptions()
-            options.intra_op_num_threads = _torch_threads()  # the same CPU share as the torch path
-            self._session = onnxruntime.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
-            )
+            path = onnx_path or onnx_file(self.model, resolve_model(model), onnx_cache_dir)
+            self._session = onnx_session(path)
         self.n_calls = 0
         self.n_texts = 0
 
