@@ -409,7 +409,7 @@ class Store:
         with self._lock:
             if self._closed or (self._merger is not None and self._merger.is_alive()):
                 return
-            inputs = self._bm25.merge_plan()
+            inputs = self._bm25.merge_plan(published=not self.readonly)
             if inputs:
                 self._merger = threading.Thread(
                     target=self._merge, args=(self._bm25, inputs), name="bm25-merge", daemon=True

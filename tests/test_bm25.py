@@ -197,3 +197,16 @@ def test_index_from_before_segments_is_migrated(tmp_path):
         assert writer.bm25_search("w0 w5", 10) == want
     manifest = json.loads((index / MANIFEST_NAME).read_text())
     assert manifest["bm25_segments"] == 1 and (index / manifest["bm25"] / "segments.json").is_file()
+
+
+def test_readers_merge_only_what_they_indexed_themselves():
+    """A reader takes the writer's merges from its snapshots; merging the writer's segments too
+    would double the work in the serving process."""
+    published = [segment(corpus(10, seed=i), 100 * i + 1) for i in range(MERGE_FACTOR)]
+    for i, seg in enumerate(published):
+        seg.name = f"seg-{i}"
+    index = SegmentedBM25(published)
+    assert index.merge_plan() == published and index.merge_plan(published=False) == []
+    own = [segment(corpus(10, seed=50 + i), 10_000 + 100 * i) for i in range(MERGE_FACTOR)]
+    index = SegmentedBM25(published[:3] + own)
+    assert index.merge_plan(published=False) == own
