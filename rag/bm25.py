@@ -277,16 +277,18 @@ class SegmentedBM25:
 
     def merge_plan(self, published: bool = True) -> list[Segment]:
         """Segments worth merging now, [] if none: MERGE_FACTOR of one size tier (tier = the
-        base-MERGE_FACTOR log of the live rows), smallest tier first, or one segment (not tiny) whose
-        dead rows exceed MAX_DEAD_SHARE. Each row is rewritten about log(N) times over an index's life.
+        base-MERGE_FACTOR log of the live rows), smallest tier first, or one segment with no live
+        row or (not tiny) whose dead rows exceed MAX_DEAD_SHARE. Each row is rewritten about log(N)
+        times over an index's life.
         `published=False` leaves segments read from a snapshot alone: a reader merges only the ones
         it indexed itself, and takes the writer's merges from its next snapshot."""
         tiers: dict[int, list[Segment]] = {}
         for seg in self.segments:
             if seg.name is not None and not published:
                 continue
-            if len(seg) >= MIN_TIER_ROWS and (len(seg) - seg.live) / len(seg) > MAX_DEAD_SHARE:
-                return [seg]
+            dead_share = (len(seg) - seg.live) / max(1, len(seg))
+            if dead_share == 1 or (len(seg) >= MIN_TIER_ROWS and dead_share > MAX_DEAD_SHARE):
+                return [seg]  # rewritten without its dead rows (a wholly dead one just goes)
             tier = int(math.log(max(seg.live, MIN_TIER_ROWS) / MIN_TIER_ROWS, MERGE_FACTOR))
             tiers.setdefault(tier, []).append(seg)
         for tier in sorted(tiers):

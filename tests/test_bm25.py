@@ -210,3 +210,11 @@ def test_readers_merge_only_what_they_indexed_themselves():
     own = [segment(corpus(10, seed=50 + i), 10_000 + 100 * i) for i in range(MERGE_FACTOR)]
     index = SegmentedBM25(published[:3] + own)
     assert index.merge_plan(published=False) == own
+
+
+def test_a_segment_with_no_live_row_goes():
+    keep, gone = segment(corpus(10, seed=1), 1), segment(corpus(5, seed=2), 100)
+    index = SegmentedBM25([keep, gone])
+    index.delete(gone.ids)
+    assert index.merge_plan() == [gone]
+    assert index.replace([gone], merge_segments([gone])) and index.segments == [keep]
