@@ -283,6 +283,45 @@ def evaluate_baseline(pairs: list[PreferencePair]) -> dict:
     return summarize_policy(rows, examples)
 
 
+def answer_reward(text: str, example: ReaderExample) -> float:
+    """The task's own check as a reward: the share of the answer's valid citations whose source
+    holds a gold answer (citation precision, 0 without one) plus the answer's SQuAD F1; in [0, 2]."""
+    from rag.eval_reader import score_reader_output
+
+    row = score_reader_output(text, example)
+    valid = row["citations"] - row["invalid"]
+    return (row["precise"] / valid if valid else 0.0) + row["f1"]
+
+
+def citation_scorer(pairs: list[PreferencePair], tokenizer: Tokenizer):
+    """A PPO score_fn (rag.llm.rlhf.ppo) scoring each sampled answer with answer_reward on its
+    prompt's example: PPO with an exact reward, to tell a failing reward model from failing PPO."""
+    import torch
+
+    examples = {tuple(p.example.prompt.ids): p.example for p in pairs}
+
+    def score(seq, mask, n_prompt: int):
+        rewards = []
+        for row, keep in zip(seq.tolist(), mask.bool().tolist(), strict=True):
+            response = [t for t, k in zip(row[n_prompt:], keep, strict=True) if k]
+            text = tokenizer.decode(response, skip_special=True).strip()
+            rewards.append(answer_reward(text, examples[tuple(row[:n_prompt])]))
+        return torch.tensor(rewards)
+
+    return score
+
+
+def train_ppo_on_citations(pairs_path: str | Path, init: str | Path, out_dir: str | Path, cfg) -> dict:
+    """`rag train ppo --citation-reward`: PPO of init on the pairs' prompts against citation_scorer."""
+    from rag.llm.checkpoint import load_checkpoint
+    from rag.llm.rlhf import run_ppo
+
+    policy, tokenizer = load_checkpoint(init)
+    pairs = read_pairs(pairs_path)
+    prompts = [p.example.prompt.ids for p in pairs]
+    return run_ppo(policy, tokenizer, prompts, citation_scorer(pairs, tokenizer), Path(out_dir), cfg)
+
+
 def reward_accuracy(reward_dir: str | Path, pairs: list[PreferencePair]) -> dict[str, float]:
     """A reward model's pairwise accuracy (chosen scored higher) on the pairs, overall and per kind."""
     from rag.llm.rlhf import encode_pairs, load_reward_model, pairwise_accuracy

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from rag.citations import parse_citations
 from rag.cli import app
 from rag.eval_reader import score_reader_output
-from rag.llm.align import DPO_KEYS, SFT_KEYS, read_jsonl
+from rag.llm.align import DPO_KEYS, SFT_KEYS, read_jsonl, response_tokens
 from rag.llm.model import GPT, ModelConfig
 from rag.llm.rlhf import ScalarHead, read_prompts, save_reward_model
 from rag.llm.tokenizer import Tokenizer
@@ -22,6 +22,7 @@ from rag.preference_data import (
     PairStats,
     build_pairs,
     chunk_squad,
+    citation_scorer,
     read_pairs,
     sentence_chunks,
     summarize_policy,
@@ -193,3 +194,35 @@ def test_eval_pairs_runs_policies_and_a_reward_model(
     assert baseline["answers_with_citation"] == 1.0 and baseline["citation_support"] == 1.0
     result = CliRunner().invoke(app, ["eval", "pairs", "--pairs", str(held_out)])
     assert result.exit_code == 1 and "--model" in result.output
+
+
+def test_citation_scorer_is_the_task_check_on_sampled_tokens(pairs, tok: Tokenizer) -> None:
+    """PPO's exact reward: citation precision + F1 of the decoded response, tokens after EOS masked."""
+    score = citation_scorer(pairs, tok)
+    expected = {"wrong_source": 1.0, "same_source_span": 1.0, "other_source_span": 0.0}
+    for pair in pairs:
+        prompt = pair.example.prompt.ids
+        for text, want in ((pair.example.target, 2.0), (pair.rejected, expected[pair.kind])):
+            response = response_tokens(tok, text)
+            junk = tok.encode(" [3] Tower999")  # sampled after EOS: masked, never scored
+            seq = torch.tensor([prompt + response + junk])
+            mask = torch.tensor([[1.0] * len(response) + [0.0] * len(junk)])
+            assert score(seq, mask, len(prompt)).tolist() == [want]
+
+
+def test_ppo_with_the_citation_reward_runs_end_to_end(
+    squad_file: Path, tok: Tokenizer, tmp_path: Path
+) -> None:
+    prompts = tmp_path / "pairs.jsonl"
+    write_pairs(squad_file, tok, prompts, chunk_words=CHUNK_WORDS, max_tokens=MAX_TOKENS, limit=12)
+    policy = save_tiny_model(tmp_path / "sft", tok)
+    out = tmp_path / "ppo"
+    args = ["train", "ppo", "--prompts", prompts, "--init", policy, "--out", out, "--citation-reward"]
+    sizes = ["--iterations", "2", "--batch-size", "4", "--response-len", "4"]
+    result = CliRunner().invoke(app, [*map(str, args), *sizes])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "result.json").read_text())
+    assert 0.0 <= report["reward_first"] <= 2.0 and report["kl_first"] >= 0.0
+    assert (out / "ppo_curve.png").is_file() and (out / "model.safetensors").is_file()
+    result = CliRunner().invoke(app, [*map(str, args[:-1]), *sizes])
+    assert result.exit_code == 1 and "--citation-reward" in result.output

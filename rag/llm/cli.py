@@ -517,19 +517,33 @@ def reward(
 def ppo(
     prompts: Annotated[Path, typer.Option(help='JSONL rows {"prompt"} (or {"prompt_ids"}).')],
     init: Init,
-    reward: Annotated[Path, typer.Option(help="A `rag train reward` folder.")],
     out: Annotated[Path, typer.Option(help="Folder for the policy, metrics and ppo_curve.png.")],
+    reward: Annotated[Path | None, typer.Option(help="A `rag train reward` folder.")] = None,
+    citation_reward: Annotated[
+        bool,
+        typer.Option(
+            help="Instead of --reward: score answers with the task's own check (citation precision + "
+            "SQuAD F1); --prompts must be a `rag train pairs` file."
+        ),
+    ] = False,
     iterations: Annotated[int, typer.Option(help="Rollout + update rounds.")] = 50,
     batch_size: Annotated[int, typer.Option(help="Responses sampled per round.")] = 16,
     response_len: Annotated[int, typer.Option(help="Sampled tokens per response (EOS ends one).")] = 16,
     kl_coef: Annotated[float, typer.Option(help="Per-token KL penalty to --init.")] = 0.05,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-5,
 ) -> None:
-    """PPO of --init (the SFT policy, also the frozen KL reference) against a reward model."""
+    """PPO of --init (SFT policy, frozen KL reference) against a reward model or the citation check."""
     from rag.llm.rlhf import PPOConfig, train_ppo
+    from rag.preference_data import train_ppo_on_citations
 
+    if (reward is None) == (not citation_reward):
+        raise ValueError("give one of --reward DIR (a reward model) or --citation-reward")
     cfg = PPOConfig(iterations, batch_size, response_len, lr=lr, kl_coef=kl_coef)
-    print(json.dumps(train_ppo(prompts, init, reward, out, cfg), indent=2))
+    if citation_reward:
+        result = train_ppo_on_citations(prompts, init, out, cfg)
+    else:
+        result = train_ppo(prompts, init, reward, out, cfg)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":  # torchrun --nproc_per_node=N -m rag.llm.cli lm ...

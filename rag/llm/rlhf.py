@@ -420,7 +420,19 @@ def train_ppo(prompts: Path, init: Path, reward: Path, out_dir: Path, cfg: PPOCo
     rm, rm_tok = load_reward_model(reward)
     if rm_tok.to_json() != tokenizer.to_json():
         raise ValueError("the reward model and the policy must share a tokenizer")
-    ac, rows = ppo(policy, read_prompts(prompts, tokenizer), reward_model_scorer(rm), cfg, tokenizer.eos_id)
+    return run_ppo(policy, tokenizer, read_prompts(prompts, tokenizer), reward_model_scorer(rm), out_dir, cfg)
+
+
+def run_ppo(
+    policy: GPT,
+    tokenizer: Tokenizer,
+    prompts: list[list[int]],
+    score_fn: Callable[[Tensor, Tensor, int], Tensor],
+    out_dir: Path,
+    cfg: PPOConfig,
+) -> dict:
+    """ppo() against any scorer, then the policy checkpoint, metrics and ppo_curve.png in out_dir."""
+    ac, rows = ppo(policy, prompts, score_fn, cfg, tokenizer.eos_id)
     out_dir = Path(out_dir)
     save_checkpoint(out_dir, ac.policy, tokenizer)
     plot_curves(rows, ("reward", "kl", "value_loss"), out_dir / PPO_CURVE_FILE, "PPO")
@@ -428,6 +440,7 @@ def train_ppo(prompts: Path, init: Path, reward: Path, out_dir: Path, cfg: PPOCo
     result = {
         "reward_first": float(np.mean([r["reward"] for r in rows[:k]])),
         "reward_last": float(np.mean([r["reward"] for r in rows[-k:]])),
+        "kl_first": float(np.mean([r["kl"] for r in rows[:k]])),
         "kl_last": float(np.mean([r["kl"] for r in rows[-k:]])),
         "config": asdict(cfg),
     }
