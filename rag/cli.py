@@ -757,6 +757,10 @@ def eval_pairs_cmd(
     reward: Annotated[
         Path | None, typer.Option("--reward", help="A `rag train reward` folder: pairwise accuracy per kind.")
     ] = None,
+    reference: Annotated[
+        Path | None,
+        typer.Option("--reference", help="The SFT model: each policy's implicit-reward (DPO) pair accuracy."),
+    ] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="The first N pairs.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Answer room.")] = 32,
     batch_size: Annotated[
@@ -766,7 +770,13 @@ def eval_pairs_cmd(
 ) -> None:
     """Policies' greedy answers to the pairs' prompts (F1, citation precision and support) and a
     reward model's pairwise accuracy: the measures of the citation preference task (issue 12)."""
-    from rag.preference_data import evaluate_baseline, evaluate_policy, read_pairs, reward_accuracy
+    from rag.preference_data import (
+        evaluate_baseline,
+        evaluate_policy,
+        implicit_reward_accuracy,
+        read_pairs,
+        reward_accuracy,
+    )
 
     if not models and reward is None:
         raise ValueError("give --model (a policy, repeatable) and/or --reward (a reward model)")
@@ -778,6 +788,11 @@ def eval_pairs_cmd(
         str(m): evaluate_policy(m, held_out, max_new_tokens=max_new_tokens, batch_size=batch_size)
         for m in models or []
     }
+    if reference is not None:
+        for m in models or []:
+            result["policies"][str(m)]["implicit_reward_accuracy"] = implicit_reward_accuracy(
+                m, reference, held_out
+            )
     result["policies"]["word-overlap baseline"] = evaluate_baseline(held_out)
     if as_json:
         return emit_json(result)
@@ -786,8 +801,8 @@ def eval_pairs_cmd(
         console.print(f"reward model {reward}: pairwise accuracy {accuracy}", highlight=False)
     policies = result["policies"]
     table = Table("metric", *(Path(n).name for n in policies), title=f"{len(held_out)} prompts of {pairs}")
-    for k in PAIR_METRICS:
-        table.add_row(k, *("n/a" if m[k] is None else f"{m[k]:.3f}" for m in policies.values()))
+    for k in PAIR_METRICS + ("implicit_reward_accuracy",) * (reference is not None):
+        table.add_row(k, *("n/a" if m.get(k) is None else f"{m[k]:.3f}" for m in policies.values()))
     console.print(table)
     return None
 

@@ -283,6 +283,40 @@ def evaluate_baseline(pairs: list[PreferencePair]) -> dict:
     return summarize_policy(rows, examples)
 
 
+def preference_margins(model_dir: str | Path, pairs: list[PreferencePair], batch: int = 16) -> list[float]:
+    """log pi(chosen | prompt) - log pi(rejected | prompt) of a checkpoint, per pair."""
+    import torch
+
+    from rag.llm.align import DPO_KEYS, collate, prompt_tokens, response_tokens, sequence_logprobs
+    from rag.llm.checkpoint import load_checkpoint
+
+    model, tokenizer = load_checkpoint(model_dir)
+    model.eval()
+    margins: list[float] = []
+    with torch.no_grad():
+        for i in range(0, len(pairs), batch):
+            rows = [p.to_row() for p in pairs[i : i + batch]]
+            items = [
+                (prompt_tokens(tokenizer, r), response_tokens(tokenizer, r[k]))
+                for k in DPO_KEYS
+                for r in rows
+            ]
+            x, targets = collate(items, tokenizer.pad_id)
+            logp = sequence_logprobs(model(x).logits, targets)
+            margins += (logp[: len(rows)] - logp[len(rows) :]).tolist()
+    return margins
+
+
+def implicit_reward_accuracy(
+    model_dir: str | Path, reference_dir: str | Path, pairs: list[PreferencePair]
+) -> float:
+    """Share of pairs DPO's implicit reward beta * log(pi / pi_ref) ranks right (the policy raised the
+    chosen answer over the rejected one more than the reference did): comparable, pair for pair, to
+    a reward model's pairwise accuracy."""
+    policy, reference = preference_margins(model_dir, pairs), preference_margins(reference_dir, pairs)
+    return sum(p > r for p, r in zip(policy, reference, strict=True)) / len(pairs)
+
+
 def answer_reward(text: str, example: ReaderExample) -> float:
     """The task's own check as a reward: the share of the answer's valid citations whose source
     holds a gold answer (citation precision, 0 without one) plus the answer's SQuAD F1; in [0, 2]."""

@@ -14,6 +14,7 @@ from rag.citations import parse_citations
 from rag.cli import app
 from rag.eval_reader import score_reader_output
 from rag.llm.align import DPO_KEYS, SFT_KEYS, read_jsonl, response_tokens
+from rag.llm.checkpoint import load_checkpoint
 from rag.llm.model import GPT, ModelConfig
 from rag.llm.rlhf import ScalarHead, read_prompts, save_reward_model
 from rag.llm.tokenizer import Tokenizer
@@ -23,6 +24,7 @@ from rag.preference_data import (
     build_pairs,
     chunk_squad,
     citation_scorer,
+    preference_margins,
     read_pairs,
     sentence_chunks,
     summarize_policy,
@@ -183,6 +185,7 @@ def test_eval_pairs_runs_policies_and_a_reward_model(
     cfg = ModelConfig(**{**ModelConfig.preset("tiny").to_dict(), "vocab_size": tok.vocab_size})
     save_reward_model(tmp_path / "reward", ScalarHead(GPT(cfg)), tok)
     args = ["eval", "pairs", "--pairs", held_out, "--model", policy, "--reward", tmp_path / "reward"]
+    args += ["--reference", policy]  # a policy against itself: every margin ties, implicit accuracy 0
     result = CliRunner().invoke(app, [*map(str, args), "--limit", "5", "--max-new-tokens", "8", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -190,7 +193,7 @@ def test_eval_pairs_runs_policies_and_a_reward_model(
     assert report["reward_accuracy"]["all"] == 0.0 and set(report["reward_accuracy"]) <= {"all", *KINDS}
     metrics, baseline = report["policies"][str(policy)], report["policies"]["word-overlap baseline"]
     assert metrics["examples"] == baseline["examples"] == 5 and 0.0 <= metrics["f1"] <= 1.0
-    assert metrics["cut_at_max_new_tokens"] <= 5
+    assert metrics["cut_at_max_new_tokens"] <= 5 and metrics["implicit_reward_accuracy"] == 0.0
     assert baseline["answers_with_citation"] == 1.0 and baseline["citation_support"] == 1.0
     result = CliRunner().invoke(app, ["eval", "pairs", "--pairs", str(held_out)])
     assert result.exit_code == 1 and "--model" in result.output
@@ -226,3 +229,21 @@ def test_ppo_with_the_citation_reward_runs_end_to_end(
     assert (out / "ppo_curve.png").is_file() and (out / "model.safetensors").is_file()
     result = CliRunner().invoke(app, [*map(str, args[:-1]), *sizes])
     assert result.exit_code == 1 and "--citation-reward" in result.output
+
+
+def test_preference_margins_match_unbatched_log_probs(pairs, tok: Tokenizer, tmp_path: Path) -> None:
+    """Padded batches give each pair's log p(chosen) - log p(rejected), as one unpadded pass does."""
+    policy = save_tiny_model(tmp_path / "policy", tok)
+    model, _ = load_checkpoint(policy)
+    few = pairs[:5]
+
+    def logp(prompt: list[int], text: str) -> float:
+        ids = prompt + response_tokens(tok, text)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, len(prompt) - 1 : -1]
+        return torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[len(prompt) :])[:, None]).sum().item()
+
+    want = [
+        logp(p.example.prompt.ids, p.example.target) - logp(p.example.prompt.ids, p.rejected) for p in few
+    ]
+    assert preference_margins(policy, few, batch=2) == pytest.approx(want, abs=1e-4)
