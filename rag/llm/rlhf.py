@@ -124,14 +124,19 @@ class ScalarHead(nn.Module):
         self.trunk = trunk
         self.head = zero_head(trunk.config.d_model)
 
-    def forward(self, idx: Tensor, pad_mask: Tensor | None = None) -> Tensor:
-        hidden = self.trunk(idx, pad_mask=pad_mask, head=False).hidden
+    def forward(
+        self, idx: Tensor, pad_mask: Tensor | None = None, prefix_len: Tensor | None = None
+    ) -> Tensor:
+        hidden = self.trunk(idx, pad_mask=pad_mask, prefix_len=prefix_len, head=False).hidden
         return self.head(hidden.float()).squeeze(-1)
 
     def score(self, idx: Tensor, lengths: Tensor) -> Tensor:
-        """Reward of each right-padded row: the scalar at its last real token."""
+        """Reward of each right-padded row: the scalar at its last real token. A prefix-LM trunk
+        (the warm-started reader) reads the whole row as its prefix, bidirectionally, as the
+        encoder it was pretrained as."""
         pad_mask = torch.arange(idx.shape[1], device=idx.device)[None] < lengths[:, None]
-        out = self(idx, pad_mask if not bool(pad_mask.all()) else None)
+        prefix_len = lengths if self.trunk.config.mask == "prefix" else None
+        out = self(idx, pad_mask if not bool(pad_mask.all()) else None, prefix_len)
         return out[torch.arange(len(idx)), lengths - 1]
 
 

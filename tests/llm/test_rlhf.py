@@ -14,6 +14,7 @@ from rag.llm.cli import app
 from rag.llm.model import GPT, ModelConfig
 from rag.llm.rlhf import (
     PPOConfig,
+    ScalarHead,
     bradley_terry_loss,
     gae,
     kl_rewards,
@@ -119,3 +120,22 @@ def test_reward_model_learns_preferences_then_ppo_cli(tmp_path, tokenizer):  # n
     assert (out / "ppo_curve.png").stat().st_size > 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
     ckpt.load_checkpoint(out)
+
+
+def test_reward_model_on_a_prefix_lm_trunk_reads_the_whole_row():
+    """A prefix-LM trunk (the warm-started reader's mask) scores a row as an encoder: the first
+    token's state sees the answer at the end, and right padding does not change the score."""
+    torch.manual_seed(0)
+    cfg = {**ModelConfig.preset("tiny").to_dict(), "vocab_size": 50, "mask": "prefix"}
+    model = ScalarHead(GPT(ModelConfig.from_dict(cfg))).eval()
+    torch.nn.init.normal_(model.head.weight)
+    row = torch.randint(1, 50, (1, 12))
+    other_end = row.clone()
+    other_end[0, -1] = (row[0, -1] + 1) % 50
+    with torch.no_grad():
+        first = [model(x, prefix_len=torch.tensor([12]))[0, 0] for x in (row, other_end)]
+        assert not torch.isclose(first[0], first[1])  # bidirectional: position 0 sees the last token
+        padded = torch.cat([row, torch.zeros(1, 5, dtype=torch.long)], 1)
+        both = torch.cat([padded, torch.cat([other_end, row[:, :5]], 1)])
+        scores = model.score(both, torch.tensor([12, 17]))
+        assert torch.allclose(scores[0], model.score(row, torch.tensor([12]))[0], atol=1e-5)
