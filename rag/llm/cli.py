@@ -504,11 +504,15 @@ def reward(
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 200,
     batch_size: Annotated[int, typer.Option(help="Preference pairs per step.")] = 8,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
+    head_lr: Annotated[
+        float | None, typer.Option(help="Learning rate of the new scalar head (default: --lr).")
+    ] = None,
 ) -> None:
     """Reward model: --init's trunk + a scalar head, Bradley-Terry loss on chosen/rejected pairs."""
     from rag.llm.rlhf import RewardConfig, train_reward
 
-    result = train_reward(data, init, out, RewardConfig(steps, batch_size, lr), val_data)
+    cfg = RewardConfig(steps, batch_size, lr, head_lr=head_lr)
+    result = train_reward(data, init, out, cfg, val_data)
     print(json.dumps(result, indent=2))
 
 

@@ -172,6 +172,9 @@ class RewardConfig:
     lr: float = 1e-4
     val_fraction: float = 0.2
     seed: int = 0
+    # The head starts at zero and must grow from nothing, while a pretrained trunk should move
+    # little: a larger rate for the head (None: `lr`) is the usual fine-tuning split.
+    head_lr: float | None = None
 
 
 def encode_pairs(rows: list[dict], tokenizer: Tokenizer, max_len: int) -> list[tuple[list[int], list[int]]]:
@@ -208,7 +211,11 @@ def pairwise_accuracy(model: ScalarHead, pairs: list, pad_id: int, batch: int = 
 
 def fit_reward_model(model: ScalarHead, train: list, val: list, pad_id: int, cfg: RewardConfig) -> list[dict]:
     """Bradley-Terry training with AdamW; returns metric rows (train loss/acc, val accuracy)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    groups = [
+        {"params": list(model.trunk.parameters()), "lr": cfg.lr},
+        {"params": list(model.head.parameters()), "lr": cfg.head_lr or cfg.lr},
+    ]
+    opt = torch.optim.AdamW(groups)
     rng = np.random.default_rng(cfg.seed)
     rows = []
     model.train()

@@ -14,11 +14,15 @@ from rag.llm.cli import app
 from rag.llm.model import GPT, ModelConfig
 from rag.llm.rlhf import (
     PPOConfig,
+    RewardConfig,
     ScalarHead,
     bradley_terry_loss,
+    encode_pairs,
+    fit_reward_model,
     gae,
     kl_rewards,
     load_reward_model,
+    pairwise_accuracy,
     policy_loss,
     ppo,
     value_loss,
@@ -139,3 +143,17 @@ def test_reward_model_on_a_prefix_lm_trunk_reads_the_whole_row():
         both = torch.cat([padded, torch.cat([other_end, row[:, :5]], 1)])
         scores = model.score(both, torch.tensor([12, 17]))
         assert torch.allclose(scores[0], model.score(row, torch.tensor([12]))[0], atol=1e-5)
+
+
+def test_reward_head_has_its_own_learning_rate(tokenizer):  # noqa: F811
+    """--head-lr: the fresh head can learn fast while a pretrained trunk barely moves (here: not at
+    all, trunk rate 0), and the pairs are still learnt through the head alone."""
+    torch.manual_seed(0)
+    model = ScalarHead(tiny(tokenizer.vocab_size))
+    trunk_before = [p.detach().clone() for p in model.trunk.parameters()]
+    pairs = encode_pairs(pref_rows(), tokenizer, 64)
+    cfg = RewardConfig(steps=40, batch_size=4, lr=0.0, head_lr=1e-2)
+    fit_reward_model(model, pairs, pairs, tokenizer.pad_id, cfg)
+    assert all(torch.equal(a, b) for a, b in zip(trunk_before, model.trunk.parameters(), strict=True))
+    assert model.head.weight.abs().sum() > 0
+    assert pairwise_accuracy(model, pairs, tokenizer.pad_id) > 0.5
