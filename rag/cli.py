@@ -774,6 +774,7 @@ def eval_pairs_cmd(
         evaluate_baseline,
         evaluate_policy,
         implicit_reward_accuracy,
+        preference_margins,
         read_pairs,
         reward_accuracy,
     )
@@ -789,9 +790,10 @@ def eval_pairs_cmd(
         for m in models or []
     }
     if reference is not None:
+        reference_margins = preference_margins(reference, held_out)
         for m in models or []:
             result["policies"][str(m)]["implicit_reward_accuracy"] = implicit_reward_accuracy(
-                m, reference, held_out
+                preference_margins(m, held_out), reference_margins
             )
     result["policies"]["word-overlap baseline"] = evaluate_baseline(held_out)
     if as_json:

@@ -307,14 +307,12 @@ def preference_margins(model_dir: str | Path, pairs: list[PreferencePair], batch
     return margins
 
 
-def implicit_reward_accuracy(
-    model_dir: str | Path, reference_dir: str | Path, pairs: list[PreferencePair]
-) -> float:
-    """Share of pairs DPO's implicit reward beta * log(pi / pi_ref) ranks right (the policy raised the
-    chosen answer over the rejected one more than the reference did): comparable, pair for pair, to
-    a reward model's pairwise accuracy."""
-    policy, reference = preference_margins(model_dir, pairs), preference_margins(reference_dir, pairs)
-    return sum(p > r for p, r in zip(policy, reference, strict=True)) / len(pairs)
+def implicit_reward_accuracy(policy: list[float], reference: list[float]) -> float:
+    """Share of pairs DPO's implicit reward beta * log(pi / pi_ref) ranks right, from the policy's and
+    the reference's preference_margins on the same pairs (the policy raised the chosen answer over
+    the rejected one more than the reference did): comparable, pair for pair, to a reward model's
+    pairwise accuracy."""
+    return sum(p > r for p, r in zip(policy, reference, strict=True)) / len(policy)
 
 
 def answer_reward(text: str, example: ReaderExample) -> float:
@@ -363,9 +361,12 @@ def reward_accuracy(reward_dir: str | Path, pairs: list[PreferencePair]) -> dict
 
     model, tokenizer = load_reward_model(reward_dir)
     max_len = context_length(model.trunk.config)
-    result = {}
-    for kind in ("all", *KINDS):
-        rows = [p.to_row() for p in pairs if kind in ("all", p.kind)]
+    per_kind, right, scored = {}, 0, 0
+    for kind in KINDS:  # each pair scored once; "all" is the kinds' pooled count
+        rows = [p.to_row() for p in pairs if p.kind == kind]
         if rows:
-            result[kind] = pairwise_accuracy(model, encode_pairs(rows, tokenizer, max_len), tokenizer.pad_id)
-    return result
+            encoded = encode_pairs(rows, tokenizer, max_len)
+            per_kind[kind] = pairwise_accuracy(model, encoded, tokenizer.pad_id)
+            right += round(per_kind[kind] * len(encoded))
+            scored += len(encoded)
+    return {"all": right / scored, **per_kind} if scored else {}
