@@ -69,7 +69,7 @@ class Segment:
 
     @property
     def live(self) -> int:
-        return int(self.alive.sum())
+        return len(self.ids) - len(self.dead_rows)
 
     def kill(self, ids: np.ndarray) -> None:
         """Mark rows of `ids` dead and take them out of `df` (a pass over the postings: O(nnz))."""
@@ -215,7 +215,7 @@ class SegmentedBM25:
 
     def dead_ids(self) -> np.ndarray:
         """Ids still in a segment but deleted: the tombstones a snapshot records."""
-        parts = [s.ids[~s.alive] for s in self.segments]
+        parts = [s.ids[s.dead_rows] for s in self.segments]
         return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
 
     def languages(self) -> dict[str, int]:
@@ -301,7 +301,7 @@ class SegmentedBM25:
         replaced them meanwhile). Rows deleted while the merge ran are marked dead in it."""
         if not all(any(s is seg for s in self.segments) for seg in inputs):
             return False
-        dead = np.concatenate([seg.ids[~seg.alive] for seg in inputs])
+        dead = np.concatenate([seg.ids[seg.dead_rows] for seg in inputs])
         merged.kill(dead)
         first = min(self.segments.index(seg) for seg in inputs)
         self.segments = [s for s in self.segments if not any(s is seg for seg in inputs)]
